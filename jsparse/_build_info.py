@@ -1,0 +1,34 @@
+"""What this installation of jsparse was built with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jaxlib
+
+from jsparse import _ffi
+from jsparse.ops import _backend
+
+
+def build_info() -> dict[str, Any]:
+  """Describes the installation.
+
+  Returns:
+    A dict with ``cpu_ffi`` (the CPU extension is built and its targets registered),
+    ``cuda_ffi`` (the CUDA extension was built), ``ffi_targets`` (per platform), ``backend``
+    (the backend in force), ``jax_version``, ``jaxlib_version``, ``jax_platform``.
+
+  >>> sorted(build_info())[:3]
+  ['backend', 'cpu_ffi', 'cuda_ffi']
+  """
+  targets = {p: sorted(_ffi.targets(p)) for p in ("cpu",)}
+  return {
+    "cpu_ffi": bool(targets["cpu"]),
+    "cuda_ffi": _ffi.built("cuda"),
+    "ffi_targets": targets,
+    "backend": _backend.current_backend(),
+    "jax_version": jax.__version__,
+    "jaxlib_version": jaxlib.__version__,
+    "jax_platform": jax.default_backend(),
+  }

@@ -1,0 +1,283 @@
+"""Sparse convolution layers with spconv's names and arguments, as Flax NNX modules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes
+
+from jsparse import ops
+from jsparse.tensor import SparseConvTensor
+
+default_kernel_init = nnx.initializers.lecun_normal()
+IntOrSeq = int | Sequence[int]
+
+
+class SparseModule(nnx.Module):
+  """A layer that takes and returns a :class:`SparseConvTensor` (not only its features).
+
+  :class:`SparseSequential` passes such layers the whole tensor and any other callable only the
+  features.
+  """
+
+
+class _Conv(SparseModule):
+  """Parameters and the feature computation shared by every convolution layer."""
+
+  def __init__(
+    self,
+    num_spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: IntOrSeq,
+    groups: int,
+    bias: bool,
+    *,
+    dtype: Any,
+    param_dtype: Any,
+    kernel_init: nnx.Initializer,
+    bias_init: nnx.Initializer,
+    rngs: nnx.Rngs,
+  ):
+    if in_channels % groups or out_channels % groups:
+      raise ValueError(
+        f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
+        f"groups={groups}"
+      )
+    self.num_spatial_dims = num_spatial_dims
+    self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+    self.kernel_size = ops.ntuple(kernel_size, num_spatial_dims, "kernel_size")
+    self.dtype, self.param_dtype = dtype, param_dtype
+    shape = (*self.kernel_size, in_channels // groups, out_channels)
+    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+    if bias:
+      self.bias = nnx.Param(bias_init(rngs.params(), (out_channels,), param_dtype))
+    else:
+      self.bias = nnx.data(None)
+
+  def _check_input(self, x: Any) -> None:
+    if not isinstance(x, SparseConvTensor):
+      raise TypeError(f"{self._label()} expects a SparseConvTensor, got {type(x).__name__}")
+    if x.ndim != self.num_spatial_dims or x.features.shape[1] != self.in_channels:
+      raise ValueError(
+        f"{self._label()} expects {self.num_spatial_dims} spatial dims and {self.in_channels} "
+        f"channels, got a tensor over {x.spatial_shape} with {x.features.shape[1]} channels"
+      )
+
+  def _label(self) -> str:
+    return f"{type(self).__name__}({self.in_channels}->{self.out_channels}, k={self.kernel_size})"
+
+  def _convolve(
+    self, x: SparseConvTensor, pairs: ops.IndicePairs, spatial_shape, indice_dict, overflow
+  ) -> SparseConvTensor:
+    bias = None if self.bias is None else self.bias[...]
+    features, kernel, bias = dtypes.promote_dtype((x.features, self.kernel[...], bias), dtype=self.dtype)
+    out = ops.sparse_conv(features, kernel, pairs, bias, groups=self.groups)
+    return x.replace(
+      features=out,
+      indices=pairs.out_indices,
+      spatial_shape=spatial_shape,
+      indice_dict=indice_dict,
+      overflow=overflow,
+    )
+
+
+class _MapBuildingConv(_Conv):
+  """A convolution that finds or builds its kernel map from its own geometry."""
+
+  _kind = ""
+
+  def __init__(
+    self,
+    num_spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq = 1,
+    padding: IntOrSeq = 0,
+    dilation: IntOrSeq = 1,
+    groups: int = 1,
+    bias: bool = True,
+    indice_key: str | None = None,
+    *,
+    out_capacity: int | None = None,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    kernel_init: nnx.Initializer = default_kernel_init,
+    bias_init: nnx.Initializer = nnx.initializers.zeros_init(),
+    rngs: nnx.Rngs,
+  ):
+    super().__init__(
+      num_spatial_dims, in_channels, out_channels, kernel_size, groups, bias,
+      dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+    )  # fmt: skip
+    self.stride = ops.ntuple(stride, num_spatial_dims, "stride")
+    self.padding = ops.ntuple(padding, num_spatial_dims, "padding")
+    self.dilation = ops.ntuple(dilation, num_spatial_dims, "dilation")
+    self.indice_key = indice_key
+    self.out_capacity = out_capacity
+
+  def _label(self) -> str:
+    key = "" if self.indice_key is None else f", indice_key={self.indice_key!r}"
+    return (
+      f"{type(self).__name__}({self.in_channels}->{self.out_channels}, k={self.kernel_size}, "
+      f"s={self.stride}, p={self.padding}, d={self.dilation}{key})"
+    )
+
+  def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
+    """Convolves ``x``: features ``[capacity_in, C_in]`` -> ``[capacity_out, C_out]``."""
+    self._check_input(x)
+    spec = ops.make_spec(self._kind, x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
+    pairs, indice_dict, overflow = ops.kernel_map(x, spec, self.indice_key, self.out_capacity, self._label())
+    return self._convolve(x, pairs, spec.out_spatial_shape, indice_dict, overflow)
+
+
+_ARGS_DOC = """
+  Args:
+    num_spatial_dims: 1 to 4 (the ``SparseConv3d``-style aliases fix it).
+    in_channels: ``C_in``.
+    out_channels: ``C_out``.
+    kernel_size: int or one int per axis.
+    stride: int or per axis.
+    padding: int or per axis (zeros beyond the grid).
+    dilation: int or per axis.
+    groups: channel groups; ``C_in`` and ``C_out`` must be divisible by it.
+    bias: whether to add a bias (at active output sites only).
+    indice_key: stores the kernel map in the output's ``indice_dict`` under this key, or reuses
+      the map already stored there (the geometry must match).
+    out_capacity: static output row count for layers that create sites (see
+      :func:`jsparse.check_capacity`).
+    dtype: computation dtype (default: promoted from inputs and parameters).
+    param_dtype: parameter dtype.
+    kernel_init: initializer of ``kernel [*kernel_size, C_in // groups, C_out]``.
+    bias_init: initializer of ``bias [C_out]``.
+    rngs: random state for the initializers.
+"""
+
+
+class SparseConv(_MapBuildingConv):
+  __doc__ = (
+    """Sparse convolution: dense ``lax.conv_general_dilated`` sampled at the active outputs.
+
+  An output site is active iff some kernel tap reaches an active input; the output grid has
+  ``(n + 2p - d(k - 1) - 1) // s + 1`` cells per axis and its rows are sorted by (batch, coords).
+  Eagerly the output is sized to fit; under jit its capacity is ``out_capacity`` (default: the
+  input's capacity).
+"""
+    + _ARGS_DOC
+    + """
+  >>> import numpy as np, jsparse
+  >>> from flax import nnx
+  >>> x = jsparse.SparseConvTensor(np.ones((3, 4), np.float32),
+  ...     np.array([[0, 0, 0, 0], [0, 1, 2, 3], [0, 4, 4, 4]], np.int32), (5, 5, 5), 1)
+  >>> y = jsparse.nn.SparseConv3d(4, 8, 3, stride=2, padding=1, rngs=nnx.Rngs(0))(x)
+  >>> y.spatial_shape, y.features.shape
+  ((3, 3, 3), (3, 8))
+"""
+  )
+  _kind = "conv"
+
+
+class SubMConv(_MapBuildingConv):
+  __doc__ = (
+    """Submanifold convolution: outputs at exactly the input sites, same rows and order.
+
+  Stride and padding are ignored (as in spconv); the padding is ``(k // 2) * d`` per axis, so an
+  odd kernel is centred and an even kernel ``2m`` reaches ``m`` taps back and ``m - 1`` forward.
+  Layers with the same ``indice_key`` share one map.
+"""
+    + _ARGS_DOC
+  )
+  _kind = "subm"
+
+
+class SparseConvTranspose(_MapBuildingConv):
+  __doc__ = (
+    """Transposed sparse convolution: input ``p`` feeds output ``p * s - pad + k * d``.
+
+  Equals the dense transposed convolution sampled at the reached sites. The output grid has
+  ``(n - 1)s - 2p + d(k - 1) + 1`` cells per axis (spconv omits the dilation term and drops
+  sites; jsparse does not). Under jit the default ``out_capacity`` is the input capacity times
+  ``prod(stride)``.
+"""
+    + _ARGS_DOC
+  )
+  _kind = "transpose"
+
+
+class SparseInverseConv(_Conv):
+  """Inverse of the strided layer that stored ``indice_key``: back to that layer's input sites.
+
+  The output rows are that layer's input rows (same order), over its input grid; the value is the
+  transposed convolution of ``x`` through the stored map. ``kernel_size`` must equal the stored
+  layer's.
+
+  Args:
+    num_spatial_dims: 1 to 4.
+    in_channels: ``C_in`` (the stored layer's output side).
+    out_channels: ``C_out``.
+    kernel_size: the stored layer's kernel size.
+    indice_key: the key the strided layer stored its map under.
+    bias: whether to add a bias at every output site.
+    dtype, param_dtype, kernel_init, bias_init, rngs: as :class:`SparseConv`.
+  """
+
+  def __init__(
+    self,
+    num_spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: IntOrSeq,
+    indice_key: str,
+    bias: bool = True,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    kernel_init: nnx.Initializer = default_kernel_init,
+    bias_init: nnx.Initializer = nnx.initializers.zeros_init(),
+    rngs: nnx.Rngs,
+  ):
+    super().__init__(
+      num_spatial_dims, in_channels, out_channels, kernel_size, 1, bias,
+      dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+    )  # fmt: skip
+    self.indice_key = indice_key
+
+  def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
+    """Maps ``x`` (the stored layer's output sites) back to that layer's input sites."""
+    self._check_input(x)
+    pairs = ops.inverse_kernel_map(x, self.indice_key, self.kernel_size, self._label())
+    return self._convolve(x, pairs, pairs.spec.in_spatial_shape, x.indice_dict, x.overflow)
+
+
+def _fixed(cls: type, n: int, doc: str) -> type:
+  """``cls`` with ``num_spatial_dims`` fixed to ``n`` (spconv's ``SparseConv3d`` and friends)."""
+
+  def __init__(self, *args, **kwargs):
+    cls.__init__(self, n, *args, **kwargs)
+
+  name = f"{cls.__name__}{n}d"
+  namespace = {"__init__": __init__, "__doc__": doc, "__module__": __name__, "__qualname__": name}
+  return type(cls)(name, (cls,), namespace)
+
+
+SparseConv1d, SparseConv2d, SparseConv3d, SparseConv4d = (
+  _fixed(SparseConv, n, f"{n}-D :class:`SparseConv` (arguments as it, without num_spatial_dims).")
+  for n in (1, 2, 3, 4)
+)
+SubMConv1d, SubMConv2d, SubMConv3d, SubMConv4d = (
+  _fixed(SubMConv, n, f"{n}-D :class:`SubMConv` (arguments as it, without num_spatial_dims).")
+  for n in (1, 2, 3, 4)
+)
+SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTranspose4d = (
+  _fixed(SparseConvTranspose, n, f"{n}-D :class:`SparseConvTranspose` (without num_spatial_dims).")
+  for n in (1, 2, 3, 4)
+)
+SparseInverseConv1d, SparseInverseConv2d, SparseInverseConv3d, SparseInverseConv4d = (
+  _fixed(SparseInverseConv, n, f"{n}-D :class:`SparseInverseConv` (without num_spatial_dims).")
+  for n in (1, 2, 3, 4)
+)

@@ -1,0 +1,17 @@
+"""Pure functions on sites, kernel maps and features (jittable, differentiable)."""
+
+from jsparse.ops._backend import BACKENDS as BACKENDS
+from jsparse.ops._backend import backend as backend
+from jsparse.ops._backend import current_backend as current_backend
+from jsparse.ops._conv import sparse_conv as sparse_conv
+from jsparse.ops._indices import check_indices as check_indices
+from jsparse.ops._kmap import IndicePairs as IndicePairs
+from jsparse.ops._kmap import MapSpec as MapSpec
+from jsparse.ops._kmap import build_map as build_map
+from jsparse.ops._kmap import default_capacity as default_capacity
+from jsparse.ops._kmap import inverse_kernel_map as inverse_kernel_map
+from jsparse.ops._kmap import invert_map as invert_map
+from jsparse.ops._kmap import kernel_map as kernel_map
+from jsparse.ops._kmap import make_spec as make_spec
+from jsparse.ops._kmap import ntuple as ntuple
+from jsparse.ops._kmap import output_sites as output_sites

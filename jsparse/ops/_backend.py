@@ -1,0 +1,90 @@
+"""Choosing between the FFI kernels and the pure-jnp reference path, at trace time."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+from jax import lax
+
+from jsparse import _ffi
+
+BACKENDS = ("auto", "ffi", "reference")
+_ENV_VAR = "JSPARSE_BACKEND"
+_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("jsparse_backend", default=None)
+
+
+def _checked(name: str, source: str) -> str:
+  if name not in BACKENDS:
+    raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+  return name
+
+
+def current_backend() -> str:
+  """The backend in force: the innermost :func:`backend` context, else ``$JSPARSE_BACKEND``, else
+  ``"auto"`` (FFI kernels where built for the platform, the reference path elsewhere)."""
+  name = _selected.get()
+  if name is not None:
+    return name
+  return _checked(os.environ.get(_ENV_VAR, "auto"), f"${_ENV_VAR}")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+  """Selects the backend for ops traced inside the block.
+
+  The choice is read when a function is traced, so wrap the first call of a jitted function
+  (jit caches do not see it: use separate jitted functions per backend).
+
+  >>> import jsparse
+  >>> with jsparse.backend("reference"):
+  ...   jsparse.ops.current_backend()
+  'reference'
+  """
+  token = _selected.set(_checked(name, "backend"))
+  try:
+    yield
+  finally:
+    _selected.reset(token)
+
+
+def dispatch(target: str, ffi_impl: Callable[..., Any], reference: Callable[..., Any], *args: Any) -> Any:
+  """Runs ``ffi_impl(*args)`` on platforms where ``target`` is built, ``reference(*args)`` elsewhere.
+
+  The platform is chosen when XLA lowers the computation (``lax.platform_dependent``), so one
+  traced function works on CPU and GPU alike.
+  """
+  mode = current_backend()
+  if mode == "reference":
+    return reference(*args)
+  platforms = _ffi.platforms_with(target)
+  if mode == "ffi":
+    if not platforms:
+      raise RuntimeError(
+        f"backend 'ffi' was requested but the FFI target {target!r} is not built; reinstall "
+        "jsparse with its C++ extension (make test does) or use backend('reference')"
+      )
+    return ffi_impl(*args)
+  if not platforms:
+    return reference(*args)
+  return lax.platform_dependent(*args, default=reference, **{p: ffi_impl for p in platforms})
+
+
+def jit(fun: Callable[..., Any], static_argnames: tuple[str, ...] = ()) -> Callable[..., Any]:
+  """``jax.jit`` whose compilation cache also keys on the backend in force at call time."""
+
+  @functools.partial(jax.jit, static_argnames=(*static_argnames, "_backend_name"))
+  def jitted(*args, _backend_name, **kwargs):
+    with backend(_backend_name):
+      return fun(*args, **kwargs)
+
+  @functools.wraps(fun)
+  def wrapper(*args, **kwargs):
+    return jitted(*args, _backend_name=current_backend(), **kwargs)
+
+  return wrapper

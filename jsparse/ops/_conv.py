@@ -1,0 +1,139 @@
+"""Sparse convolution over a kernel map: gather, multiply by each tap's weights, accumulate.
+
+Reference path. Output-stationary: output row ``o`` sums ``features[nbr[o, k]] @ kernel[k]`` over
+taps ``k``, accumulating in float32. The VJP reads the transposed map for the input gradient
+(again one writer per row, no scatter-add) and reduces the kernel gradient tap by tap, so
+results do not depend on scheduling.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jsparse.ops._kmap import IndicePairs
+
+
+def gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """``x[rows]`` with zeros where ``rows`` is -1. ``x [N, C]``, ``rows int32 [M]`` -> ``[M, C]``."""
+  if x.shape[0] == 0:
+    return jnp.zeros((rows.shape[0], x.shape[1]), x.dtype)
+  picked = jnp.take(x, jnp.maximum(rows, 0), axis=0, mode="clip")
+  return jnp.where((rows >= 0)[:, None], picked, jnp.zeros((), x.dtype))
+
+
+def _grouped_matmul(x: jax.Array, w: jax.Array, groups: int) -> jax.Array:
+  """``[N, G * a] x [a, G * b] -> float32 [N, G * b]``, group ``g`` using its own a and b slices."""
+  n = x.shape[0]
+  a, gb = w.shape
+  xg = x.reshape(n, groups, a)
+  wg = w.reshape(a, groups, gb // groups)
+  out = jnp.einsum("nga,agb->ngb", xg, wg, preferred_element_type=jnp.float32)
+  return out.reshape(n, gb)
+
+
+def _transpose_kernel(kernel: jax.Array, groups: int) -> jax.Array:
+  """``[K, a, G * b] -> [K, b, G * a]``: the per-group transposed weights."""
+  k, a, gb = kernel.shape
+  b = gb // groups
+  return kernel.reshape(k, a, groups, b).transpose(0, 3, 2, 1).reshape(k, b, groups * a)
+
+
+def _gather_matmul(features, kernel, nbr, groups) -> jax.Array:
+  """float32 ``[M, C_out]``: sum over taps of ``features[nbr[:, k]] @ kernel[k]``."""
+
+  def tap(acc, tap_args):
+    rows, w = tap_args
+    return acc + _grouped_matmul(gather_rows(features, rows), w, groups), None
+
+  acc = jnp.zeros((nbr.shape[0], kernel.shape[2]), jnp.float32)
+  acc, _ = lax.scan(tap, acc, (nbr.T, kernel))
+  return acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _conv(features, kernel, nbr, nbr_t, groups):
+  return _gather_matmul(features, kernel, nbr, groups).astype(features.dtype)
+
+
+def _conv_fwd(features, kernel, nbr, nbr_t, groups):
+  return _conv(features, kernel, nbr, nbr_t, groups), (features, kernel, nbr, nbr_t)
+
+
+def _conv_bwd(groups, residuals, d_out):
+  features, kernel, nbr, nbr_t = residuals
+  d_features = _gather_matmul(d_out, _transpose_kernel(kernel, groups), nbr_t, groups)
+  n, a = nbr.shape[0], kernel.shape[1]
+  d_out_groups = d_out.reshape(n, groups, d_out.shape[1] // groups)
+
+  def tap_grad(_, rows):  # [a, G * b] for one tap, reduced over output rows in order
+    xg = gather_rows(features, rows).reshape(n, groups, a)
+    dw = jnp.einsum("nga,ngb->agb", xg, d_out_groups, preferred_element_type=jnp.float32)
+    return None, dw.reshape(a, kernel.shape[2]).astype(kernel.dtype)
+
+  _, d_kernel = lax.scan(tap_grad, None, nbr.T)
+  return d_features.astype(features.dtype), d_kernel, None, None
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def sparse_conv(
+  features: jax.Array,
+  kernel: jax.Array,
+  pairs: IndicePairs,
+  bias: jax.Array | None = None,
+  *,
+  groups: int = 1,
+) -> jax.Array:
+  """Sparse convolution of ``features`` over the kernel map ``pairs``.
+
+  Args:
+    features: ``[capacity_in, C_in]``; rows must match ``pairs.in_indices``.
+    kernel: ``[*kernel_size, C_in // groups, C_out]`` (Flax's layout) or ``[K, C_in // groups,
+      C_out]``, the same dtype as ``features``.
+    pairs: the kernel map.
+    bias: optional ``[C_out]``, added at active output rows only.
+    groups: number of channel groups (``C_in`` and ``C_out`` divisible by it).
+
+  Returns:
+    ``[capacity_out, C_out]`` in ``features.dtype`` (float32 accumulation); padding rows are 0.
+
+  >>> import jax.numpy as jnp
+  >>> from jsparse import ops
+  >>> idx = jnp.array([[0, 0, 0], [0, 1, 1]], jnp.int32)
+  >>> pairs = ops.build_map(idx, ops.make_spec("subm", (4, 4), 3), 1)
+  >>> ops.sparse_conv(jnp.ones((2, 8)), jnp.ones((3, 3, 8, 16)), pairs).shape
+  (2, 16)
+  """
+  k_volume = pairs.spec.kernel_volume
+  if features.ndim != 2 or features.shape[0] != pairs.in_indices.shape[0]:
+    raise ValueError(
+      f"features must be [capacity_in, C_in] = [{pairs.in_indices.shape[0]}, C_in] to match the "
+      f"kernel map, got shape {features.shape}"
+    )
+  if kernel.shape[:-2] not in (pairs.spec.kernel_size, (k_volume,)):
+    raise ValueError(
+      f"kernel shape {kernel.shape} does not match the map's kernel_size "
+      f"{pairs.spec.kernel_size}; expected {(*pairs.spec.kernel_size, 'C_in // groups', 'C_out')}"
+    )
+  c_in, c_out = features.shape[1], kernel.shape[-1]
+  if c_in % groups or c_out % groups or kernel.shape[-2] * groups != c_in:
+    raise ValueError(
+      f"with groups={groups}, C_in={c_in} and C_out={c_out} must be divisible by groups and the "
+      f"kernel's input axis must be C_in // groups = {c_in // groups}, got {kernel.shape[-2]}"
+    )
+  if kernel.dtype != features.dtype:
+    raise ValueError(
+      f"features ({features.dtype}) and kernel ({kernel.dtype}) must have one dtype; cast one "
+      "of them (the nn layers do this with their dtype argument)"
+    )
+  kernel_flat = kernel.reshape(k_volume, *kernel.shape[-2:])
+  out = _conv(features, kernel_flat, pairs.nbr, pairs.transpose_nbr, groups)
+  active = (pairs.out_indices[:, 0] >= 0)[:, None]
+  if bias is not None:
+    out = out + bias.astype(out.dtype)[None, :]
+  return jnp.where(active, out, jnp.zeros((), out.dtype))

@@ -1,0 +1,380 @@
+"""Kernel maps ("indice pairs"): which input row feeds each output row through each kernel tap.
+
+Reference path: sites are packed into key words (``_keys``), sorted, and found by binary search;
+everything is jittable with static capacities. Every map is output-stationary: ``nbr[o, k]`` is
+the input row that output row ``o`` reads through tap ``k`` (row-major over the kernel), so each
+output has one writer. Its transpose ``nbr_t[i, k]`` is the output row that input ``i`` feeds
+through tap ``k``; the input gradient and inverse convolution read it.
+
+Geometry, per axis, for output coordinate ``q``, input coordinate ``p``, tap index ``k``:
+
+- ``subm``: ``p = q - pad + k * d`` with ``pad = (ksize // 2) * d``; output sites = input sites.
+- ``conv`` and ``pool``: ``p = q * s - pad + k * d`` (cross-correlation, as ``lax.conv``).
+- ``transpose``: ``q = p * s - pad + k * d`` (the scatter form of a transposed convolution).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsparse._capacity import CapacityError, is_concrete, overflow_entry
+from jsparse.ops import _keys
+
+KINDS = ("subm", "conv", "transpose", "pool")
+
+
+@dataclasses.dataclass(frozen=True)
+class MapSpec:
+  """The static geometry of a kernel map; two layers can share a map iff their specs are equal."""
+
+  kind: str
+  kernel_size: tuple[int, ...]
+  stride: tuple[int, ...]
+  padding: tuple[int, ...]
+  dilation: tuple[int, ...]
+  in_spatial_shape: tuple[int, ...]
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+    ndim = len(self.in_spatial_shape)
+    for name in ("kernel_size", "stride", "padding", "dilation"):
+      value = getattr(self, name)
+      if len(value) != ndim:
+        raise ValueError(f"{name}={value} must have one entry per spatial dim ({ndim})")
+    for name, low in (("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1)):
+      if any(v < low for v in getattr(self, name)):
+        raise ValueError(f"{name}={getattr(self, name)} must be >= {low} on every axis")
+    if self.kind == "subm" and any(s != 1 for s in self.stride):
+      raise ValueError("a submanifold map has stride 1; build it with make_spec('subm', ...)")
+    if any(n <= 0 for n in self.out_spatial_shape):
+      raise ValueError(
+        f"the output of a {self.kind} map with kernel_size={self.kernel_size}, "
+        f"stride={self.stride}, padding={self.padding}, dilation={self.dilation} over "
+        f"spatial_shape={self.in_spatial_shape} would be empty ({self.out_spatial_shape})"
+      )
+
+  @property
+  def kernel_volume(self) -> int:
+    return math.prod(self.kernel_size)
+
+  @property
+  def out_spatial_shape(self) -> tuple[int, ...]:
+    if self.kind == "subm":
+      return self.in_spatial_shape
+    rows = zip(self.in_spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
+    if self.kind == "transpose":
+      return tuple((n - 1) * s - 2 * p + d * (k - 1) + 1 for n, k, s, p, d in rows)
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in rows)
+
+  @property
+  def offsets(self) -> np.ndarray:
+    """int32 ``[K, ndim]``: tap indices, row-major over the kernel (the kernel's own layout)."""
+    grid = np.indices(self.kernel_size, dtype=np.int32)
+    return grid.reshape(len(self.kernel_size), -1).T
+
+
+def ntuple(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+  """``value`` as ``ndim`` ints (an int is repeated); ``name`` is used in the error."""
+  if isinstance(value, (int, np.integer)):
+    return (int(value),) * ndim
+  value = tuple(int(v) for v in value)
+  if len(value) != ndim:
+    raise ValueError(f"{name}={value} must be an int or have {ndim} entries (one per spatial dim)")
+  return value
+
+
+def make_spec(
+  kind: str,
+  in_spatial_shape: Sequence[int],
+  kernel_size: int | Sequence[int],
+  stride: int | Sequence[int] = 1,
+  padding: int | Sequence[int] = 0,
+  dilation: int | Sequence[int] = 1,
+) -> MapSpec:
+  """Normalizes int-or-tuple arguments into a :class:`MapSpec`.
+
+  For ``kind="subm"`` stride and padding are ignored (as in spconv): stride is 1 and the padding
+  is ``(kernel_size // 2) * dilation``, which keeps odd kernels centred; an even kernel of size
+  ``2m`` then reaches ``m`` taps back and ``m - 1`` forward.
+
+  >>> make_spec("conv", (8, 8), 3, stride=2, padding=1).out_spatial_shape
+  (4, 4)
+  """
+  shape = tuple(int(n) for n in in_spatial_shape)
+  ndim = len(shape)
+  kernel_size = ntuple(kernel_size, ndim, "kernel_size")
+  dilation = ntuple(dilation, ndim, "dilation")
+  if kind == "subm":
+    stride = (1,) * ndim
+    padding = tuple((k // 2) * d for k, d in zip(kernel_size, dilation))
+  return MapSpec(
+    kind,
+    kernel_size,
+    ntuple(stride, ndim, "stride"),
+    ntuple(padding, ndim, "padding"),
+    dilation,
+    shape,
+  )
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=("nbr", "nbr_t", "in_indices", "out_indices", "num_out"),
+  meta_fields=("spec", "batch_size"),
+)
+@dataclasses.dataclass(frozen=True)
+class IndicePairs:
+  """A kernel map (a pytree).
+
+  Attributes:
+    nbr: int32 ``[capacity_out, K]``: input row read by output row ``o`` through tap ``k``, or -1.
+    nbr_t: int32 ``[capacity_in, K]``: output row fed by input row ``i`` through tap ``k``, or -1.
+      ``None`` for submanifold maps with odd kernels, where it is ``nbr`` with taps reversed.
+    in_indices: int32 ``[capacity_in, 1 + ndim]``: the input sites the map was built on.
+    out_indices: int32 ``[capacity_out, 1 + ndim]``: the output sites, -1 rows are padding.
+    num_out: int32 ``[]``: how many output sites exist; more than ``capacity_out`` means some
+      were dropped (see :func:`jsparse.check_capacity`).
+    spec: the static geometry.
+    batch_size: static batch size.
+  """
+
+  nbr: jax.Array
+  nbr_t: jax.Array | None
+  in_indices: jax.Array
+  out_indices: jax.Array
+  num_out: jax.Array
+  spec: MapSpec
+  batch_size: int
+
+  @property
+  def transpose_nbr(self) -> jax.Array:
+    """int32 ``[capacity_in, K]``: the transposed map, derived when it is not stored."""
+    return self.nbr[:, ::-1] if self.nbr_t is None else self.nbr_t
+
+  @property
+  def out_capacity(self) -> int:
+    return self.nbr.shape[0]
+
+
+def _tap_sources(spec: MapSpec, out_coords: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Input coordinates ``[N, K, ndim]`` read by each output through each tap, and validity."""
+  q = out_coords[:, None, :]
+  k = jnp.asarray(spec.offsets)[None]
+  stride, pad, dil = (jnp.asarray(v, jnp.int32)[None, None] for v in (spec.stride, spec.padding, spec.dilation))
+  if spec.kind == "transpose":
+    numerator = q + pad - k * dil
+    p = numerator // stride
+    valid = jnp.all(numerator % stride == 0, axis=-1)
+  else:
+    p = q * stride - pad + k * dil
+    valid = jnp.ones(p.shape[:-1], bool)
+  return p, valid & _keys.in_grid(p, spec.in_spatial_shape)
+
+
+def _tap_targets(spec: MapSpec, in_coords: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Output coordinates ``[N, K, ndim]`` that each input reaches through each tap, and validity."""
+  p = in_coords[:, None, :]
+  k = jnp.asarray(spec.offsets)[None]
+  stride, pad, dil = (jnp.asarray(v, jnp.int32)[None, None] for v in (spec.stride, spec.padding, spec.dilation))
+  if spec.kind == "transpose":
+    q = p * stride - pad + k * dil
+    valid = jnp.ones(q.shape[:-1], bool)
+  else:
+    numerator = p + pad - k * dil
+    q = numerator // stride
+    valid = jnp.all(numerator % stride == 0, axis=-1)
+  return q, valid & _keys.in_grid(q, spec.out_spatial_shape)
+
+
+def _neighbors(spec: MapSpec, batch_size: int, in_indices, out_indices) -> jax.Array:
+  """``nbr [capacity_out, K]`` by looking every tap's source site up among the inputs."""
+  radices = _keys.key_radices(batch_size, spec.in_spatial_shape)
+  table = _keys.sort_keys(_keys.pack_indices(in_indices, radices))
+  p, valid = _tap_sources(spec, out_indices[:, 1:])
+  batch = jnp.broadcast_to(out_indices[:, :1], valid.shape)
+  return _keys.lookup(table, _keys.pack(batch, p, valid & (batch >= 0), radices))
+
+
+def _transpose(nbr: jax.Array, in_capacity: int) -> jax.Array:
+  """``nbr_t [in_capacity, K]`` from ``nbr``; every (input, tap) has at most one output."""
+  out_rows = jnp.broadcast_to(jnp.arange(nbr.shape[0], dtype=jnp.int32)[:, None], nbr.shape)
+  taps = jnp.broadcast_to(jnp.arange(nbr.shape[1], dtype=jnp.int32)[None, :], nbr.shape)
+  rows = jnp.where(nbr >= 0, nbr, in_capacity)  # out of bounds: dropped
+  nbr_t = jnp.full((in_capacity, nbr.shape[1]), -1, jnp.int32)
+  return nbr_t.at[rows, taps].set(out_rows, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "batch_size", "capacity"))
+def output_sites(
+  indices: jax.Array, spec: MapSpec, batch_size: int, capacity: int
+) -> tuple[jax.Array, jax.Array]:
+  """The output sites of a ``conv``, ``pool`` or ``transpose`` map, sorted by (batch, coords).
+
+  Args:
+    indices: int32 ``[N, 1 + ndim]`` input sites.
+    spec: the map's geometry.
+    batch_size: static batch size.
+    capacity: static number of output rows.
+
+  Returns:
+    ``(out_indices int32 [capacity, 1 + ndim], num_out int32 [])``: the first ``capacity`` sites
+    (padding rows -1) and the number of sites that exist.
+  """
+  q, valid = _tap_targets(spec, indices[:, 1:])
+  batch = jnp.broadcast_to(indices[:, :1], valid.shape)
+  valid = valid & (batch >= 0)
+  radices = _keys.key_radices(batch_size, spec.out_spatial_shape)
+  words = tuple(w.reshape(-1) for w in _keys.pack(batch, q, valid, radices))
+  table = _keys.sort_keys(words)
+  first = _keys.first_of_runs(table.words)
+  slot = jnp.where(first, jnp.cumsum(first) - 1, capacity)  # capacity: dropped
+  candidates = jnp.concatenate([batch[..., None], q], axis=-1).reshape(batch.size, 1 + q.shape[-1])
+  out = jnp.full((capacity, candidates.shape[1]), -1, jnp.int32)
+  out = out.at[slot].set(candidates[table.order], mode="drop")
+  return out, jnp.sum(first, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "batch_size", "out_capacity"))
+def build_map(
+  indices: jax.Array, spec: MapSpec, batch_size: int, out_capacity: int | None = None
+) -> IndicePairs:
+  """Builds the kernel map of ``spec`` over the input sites ``indices [N, 1 + ndim]``.
+
+  ``out_capacity`` is ignored for ``subm`` maps (outputs are the input rows) and required for the
+  others. Jittable; use :func:`kernel_map` for spconv's eager size-to-fit behaviour.
+  """
+  if spec.kind == "subm":
+    out_indices, num_out = indices, jnp.sum(indices[:, 0] >= 0, dtype=jnp.int32)
+  else:
+    out_indices, num_out = output_sites(indices, spec, batch_size, out_capacity)
+  nbr = _neighbors(spec, batch_size, indices, out_indices)
+  odd_subm = spec.kind == "subm" and all(k % 2 == 1 for k in spec.kernel_size)
+  nbr_t = None if odd_subm else _transpose(nbr, indices.shape[0])
+  return IndicePairs(nbr, nbr_t, indices, out_indices, num_out, spec, batch_size)
+
+
+def invert_map(pairs: IndicePairs) -> IndicePairs:
+  """The map of the inverse convolution: outputs are ``pairs``' inputs, in their row order.
+
+  The result reads ``pairs.transpose_nbr``; its ``spec`` stays that of the map it inverts.
+  """
+  return IndicePairs(
+    pairs.transpose_nbr,
+    pairs.nbr,
+    pairs.out_indices,
+    pairs.in_indices,
+    jnp.sum(pairs.in_indices[:, 0] >= 0, dtype=jnp.int32),
+    pairs.spec,
+    pairs.batch_size,
+  )
+
+
+def default_capacity(spec: MapSpec, in_capacity: int) -> int:
+  """Output capacity under jit when a layer has none: the input's, times prod(stride) if transposed."""
+  return in_capacity * math.prod(spec.stride) if spec.kind == "transpose" else in_capacity
+
+
+def _known_keys(indice_dict: Mapping[str, Any]) -> str:
+  return ", ".join(repr(k) for k in indice_dict) or "none"
+
+
+def kernel_map(
+  x: Any,
+  spec: MapSpec,
+  indice_key: str | None = None,
+  out_capacity: int | None = None,
+  label: str = "layer",
+) -> tuple[IndicePairs, dict[str, IndicePairs], dict[str, jax.Array]]:
+  """Finds or builds the map a layer needs, as spconv's ``indice_key`` cache does.
+
+  A map stored under ``indice_key`` with the same spec is reused; one with a different spec is an
+  error. A new map is stored under ``indice_key`` (when given). Eagerly, a ``None``
+  ``out_capacity`` sizes the output to fit and a too-small one raises :class:`CapacityError`;
+  under jit the default is :func:`default_capacity` and a shortfall is recorded in ``overflow``.
+
+  Args:
+    x: the input ``SparseConvTensor``.
+    spec: the geometry the layer needs (``spec.in_spatial_shape`` must be ``x.spatial_shape``).
+    indice_key: the key to reuse or store the map under.
+    out_capacity: static output capacity for maps that create sites.
+    label: names the layer in errors and overflow records.
+
+  Returns:
+    ``(pairs, indice_dict, overflow)``: the map and the dicts the output tensor carries.
+  """
+  indice_dict, overflow = dict(x.indice_dict), dict(x.overflow)
+  if indice_key is not None and indice_key in indice_dict:
+    pairs = indice_dict[indice_key]
+    if pairs.spec != spec or pairs.batch_size != x.batch_size:
+      raise ValueError(
+        f"{label}: indice_key {indice_key!r} holds a map built for {pairs.spec} "
+        f"(batch_size={pairs.batch_size}), but this layer needs {spec} "
+        f"(batch_size={x.batch_size}). Give layers with different geometry different keys. "
+        f"Known keys: {_known_keys(indice_dict)}."
+      )
+    if pairs.in_indices.shape != x.indices.shape:
+      raise ValueError(
+        f"{label}: indice_key {indice_key!r} holds a map built on {pairs.in_indices.shape[0]} "
+        f"input rows, but the input has capacity {x.capacity}; a key can only be reused by "
+        "tensors with the sites the map was built on."
+      )
+    return pairs, indice_dict, overflow
+
+  if spec.kind == "subm":
+    pairs = build_map(x.indices, spec, x.batch_size)
+  elif is_concrete(x.indices):
+    upper = x.capacity * spec.kernel_volume
+    _, needed = output_sites(x.indices, spec, x.batch_size, upper)
+    needed = int(needed)
+    if out_capacity is not None and needed > out_capacity:
+      raise CapacityError(
+        f"{label}: the output has {needed} active sites but out_capacity={out_capacity}; pass "
+        f"out_capacity >= {needed}, or leave it None to size the output to fit when eager."
+      )
+    pairs = build_map(x.indices, spec, x.batch_size, needed if out_capacity is None else out_capacity)
+  else:
+    capacity = default_capacity(spec, x.capacity) if out_capacity is None else out_capacity
+    pairs = build_map(x.indices, spec, x.batch_size, capacity)
+    overflow[f"{len(overflow):03d} {label}"] = overflow_entry(pairs.num_out, capacity)
+  if indice_key is not None:
+    indice_dict[indice_key] = pairs
+  return pairs, indice_dict, overflow
+
+
+def inverse_kernel_map(
+  x: Any, indice_key: str, kernel_size: tuple[int, ...], label: str = "layer"
+) -> IndicePairs:
+  """The map of ``SparseInverseConv(indice_key=...)``: the stored map, inverted.
+
+  Raises:
+    ValueError: the key is unknown, its kernel size differs, or ``x`` is not that map's output.
+  """
+  if indice_key not in x.indice_dict:
+    raise ValueError(
+      f"{label}: unknown indice_key {indice_key!r}. An inverse convolution needs the map that an "
+      f"earlier strided layer stored under this key (e.g. SparseConv3d(..., "
+      f"indice_key={indice_key!r})). Known keys: {_known_keys(x.indice_dict)}."
+    )
+  pairs = x.indice_dict[indice_key]
+  if pairs.spec.kernel_size != kernel_size:
+    raise ValueError(
+      f"{label}: indice_key {indice_key!r} holds a map with kernel_size="
+      f"{pairs.spec.kernel_size}, but this layer has kernel_size={kernel_size}; an inverse "
+      "convolution must use the kernel size of the layer it inverts."
+    )
+  if pairs.out_capacity != x.capacity or pairs.spec.out_spatial_shape != x.spatial_shape:
+    raise ValueError(
+      f"{label}: indice_key {indice_key!r} maps to {pairs.out_capacity} rows over "
+      f"{pairs.spec.out_spatial_shape}, but the input has capacity {x.capacity} over "
+      f"{x.spatial_shape}; the input must be the output of the layer that stored the key."
+    )
+  return invert_map(pairs)

@@ -1,0 +1,55 @@
+// jsparse_check_indices on CPU: classify each row of an indices array (see common/check_indices.h).
+#include <cstdint>
+#include <string>
+
+#include "../common/check_indices.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jsparse {
+namespace {
+
+// int32 [N, 1 + ndim], or [..., N, 1 + ndim] under vmap. Decoded as AnyBuffer so that a wrong
+// dtype or rank gets our message instead of the decoder's "failed to decode operands".
+using IndicesBuffer = ffi::AnyBuffer;
+using StatusBuffer = ffi::ResultBuffer<ffi::S32>;
+
+// status[i] = ClassifyIndexRow(indices[i, :]) for i in [0, n).
+void ComputeCheckIndices(const int32_t* indices, int64_t n, int ndim,
+                         const int64_t* spatial_shape, int64_t batch_size, int32_t* status) {
+  const int64_t cols = 1 + ndim;
+  for (int64_t i = 0; i < n; ++i) {
+    status[i] = ClassifyIndexRow(indices + i * cols, ndim, spatial_shape, batch_size);
+  }
+}
+
+ffi::Error CheckIndicesImpl(IndicesBuffer indices, ffi::Span<const int64_t> spatial_shape,
+                            int64_t batch_size, StatusBuffer status) {
+  if (indices.element_type() != ffi::S32) {
+    return ffi::Error::InvalidArgument(
+        "jsparse_check_indices: indices must be int32; cast with indices.astype(jnp.int32)");
+  }
+  const auto dims = indices.dimensions();
+  const int64_t ndim = static_cast<int64_t>(spatial_shape.size());
+  const auto status_dims = status->dimensions();
+  std::string message =
+      ValidateCheckIndicesArgs(dims.begin(), dims.size(), status_dims.begin(), status_dims.size(),
+                               spatial_shape.begin(), ndim, batch_size);
+  if (!message.empty()) return ffi::Error::InvalidArgument(message);
+  const int64_t n = IndexRowCount(dims.begin(), dims.size());
+  ComputeCheckIndices(indices.typed_data<int32_t>(), n, static_cast<int>(ndim), spatial_shape.begin(),
+                      batch_size, status->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jsparse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparseCheckIndicesCpu, jsparse::CheckIndicesImpl,
+    ffi::Ffi::Bind()
+        .Arg<jsparse::IndicesBuffer>()                    // indices [N, 1 + ndim] int32
+        .Attr<ffi::Span<const int64_t>>("spatial_shape")  // int64 array, ndim entries
+        .Attr<int64_t>("batch_size")                      // int64 scalar
+        .Ret<ffi::Buffer<ffi::S32>>());                   // status [N] int32
