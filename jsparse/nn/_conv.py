@@ -176,7 +176,7 @@ class SparseConv(_MapBuildingConv):
   ...     np.array([[0, 0, 0, 0], [0, 1, 2, 3], [0, 4, 4, 4]], np.int32), (5, 5, 5), 1)
   >>> y = jsparse.nn.SparseConv3d(4, 8, 3, stride=2, padding=1, rngs=nnx.Rngs(0))(x)
   >>> y.spatial_shape, y.features.shape
-  ((3, 3, 3), (3, 8))
+  ((3, 3, 3), (6, 8))
 """
   )
   _kind = "conv"

@@ -13,5 +13,6 @@ from jsparse.ops._kmap import inverse_kernel_map as inverse_kernel_map
 from jsparse.ops._kmap import invert_map as invert_map
 from jsparse.ops._kmap import kernel_map as kernel_map
 from jsparse.ops._kmap import make_spec as make_spec
+from jsparse.ops._kmap import map_for_outputs as map_for_outputs
 from jsparse.ops._kmap import ntuple as ntuple
 from jsparse.ops._kmap import output_sites as output_sites

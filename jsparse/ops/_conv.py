@@ -131,7 +131,12 @@ def sparse_conv(
       f"features ({features.dtype}) and kernel ({kernel.dtype}) must have one dtype; cast one "
       "of them (the nn layers do this with their dtype argument)"
     )
-  kernel_flat = kernel.reshape(k_volume, *kernel.shape[-2:])
+  return _sparse_conv(features, kernel, pairs, bias, groups)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _sparse_conv(features, kernel, pairs, bias, groups):
+  kernel_flat = kernel.reshape(pairs.spec.kernel_volume, *kernel.shape[-2:])
   out = _conv(features, kernel_flat, pairs.nbr, pairs.transpose_nbr, groups)
   active = (pairs.out_indices[:, 0] >= 0)[:, None]
   if bias is not None:

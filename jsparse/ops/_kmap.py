@@ -243,7 +243,17 @@ def output_sites(
   return out, jnp.sum(first, dtype=jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "batch_size", "out_capacity"))
+@functools.partial(jax.jit, static_argnames=("spec", "batch_size"))
+def map_for_outputs(
+  indices: jax.Array, out_indices: jax.Array, num_out: jax.Array, spec: MapSpec, batch_size: int
+) -> IndicePairs:
+  """The kernel map from input sites ``indices [N, 1 + ndim]`` to given output sites."""
+  nbr = _neighbors(spec, batch_size, indices, out_indices)
+  odd_subm = spec.kind == "subm" and all(k % 2 == 1 for k in spec.kernel_size)
+  nbr_t = None if odd_subm else _transpose(nbr, indices.shape[0])
+  return IndicePairs(nbr, nbr_t, indices, out_indices, num_out, spec, batch_size)
+
+
 def build_map(
   indices: jax.Array, spec: MapSpec, batch_size: int, out_capacity: int | None = None
 ) -> IndicePairs:
@@ -254,12 +264,11 @@ def build_map(
   """
   if spec.kind == "subm":
     out_indices, num_out = indices, jnp.sum(indices[:, 0] >= 0, dtype=jnp.int32)
+  elif out_capacity is None:
+    raise ValueError(f"a {spec.kind} map creates sites: pass a static out_capacity")
   else:
     out_indices, num_out = output_sites(indices, spec, batch_size, out_capacity)
-  nbr = _neighbors(spec, batch_size, indices, out_indices)
-  odd_subm = spec.kind == "subm" and all(k % 2 == 1 for k in spec.kernel_size)
-  nbr_t = None if odd_subm else _transpose(nbr, indices.shape[0])
-  return IndicePairs(nbr, nbr_t, indices, out_indices, num_out, spec, batch_size)
+  return map_for_outputs(indices, out_indices, num_out, spec, batch_size)
 
 
 def invert_map(pairs: IndicePairs) -> IndicePairs:
@@ -332,15 +341,16 @@ def kernel_map(
   if spec.kind == "subm":
     pairs = build_map(x.indices, spec, x.batch_size)
   elif is_concrete(x.indices):
-    upper = x.capacity * spec.kernel_volume
-    _, needed = output_sites(x.indices, spec, x.batch_size, upper)
+    sites, needed = output_sites(x.indices, spec, x.batch_size, x.capacity * spec.kernel_volume)
     needed = int(needed)
     if out_capacity is not None and needed > out_capacity:
       raise CapacityError(
         f"{label}: the output has {needed} active sites but out_capacity={out_capacity}; pass "
         f"out_capacity >= {needed}, or leave it None to size the output to fit when eager."
       )
-    pairs = build_map(x.indices, spec, x.batch_size, needed if out_capacity is None else out_capacity)
+    capacity = needed if out_capacity is None else out_capacity
+    sites = jnp.pad(sites[:capacity], ((0, max(0, capacity - sites.shape[0])), (0, 0)), constant_values=-1)
+    pairs = map_for_outputs(x.indices, sites, jnp.int32(needed), spec, x.batch_size)
   else:
     capacity = default_capacity(spec, x.capacity) if out_capacity is None else out_capacity
     pairs = build_map(x.indices, spec, x.batch_size, capacity)

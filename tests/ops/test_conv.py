@@ -65,26 +65,38 @@ def _dense_layer(kind, g, kernel, dense):
   return dense_oracle.conv(dense, kernel, g["stride"], g["padding"], g["dilation"], g["groups"])
 
 
-def _assert_matches_dense(kind, x, pairs, kernel, bias, g, rng, dense_fn, in_row_order=False):
-  out = ops.sparse_conv(x.features, kernel, pairs, bias, groups=g["groups"])
-  active = np.asarray(pairs.out_indices[:, 0] >= 0)
-  out_sites = np.asarray(pairs.out_indices)[active]
+def _run_sparse(x, pairs_fn, kernel, bias, groups, rng):
+  """Jitted sparse forward and gradients of ``<out, cotangent>``; map capacity static."""
+
+  def run(features, kernel, bias, cotangent):
+    pairs = pairs_fn(x.indices)
+    loss = lambda f, k: jnp.sum(ops.sparse_conv(f, k, pairs, groups=groups) * cotangent)  # noqa: E731
+    out = ops.sparse_conv(features, kernel, pairs, bias, groups=groups)
+    return out, pairs.out_indices, jax.grad(loss, argnums=(0, 1))(features, kernel)
+
+  out_shape = jax.eval_shape(lambda: pairs_fn(x.indices)).nbr.shape[0], kernel.shape[-1]
+  cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+  return jax.jit(run)(x.features, kernel, bias, cotangent), cotangent
+
+
+def _assert_matches_dense(x, pairs_fn, kernel, bias, groups, rng, dense_fn):
+  """Checks outputs, padding rows and both gradients against ``dense_fn(kernel, dense)``."""
+  (out, out_indices, grads), cotangent = _run_sparse(x, pairs_fn, kernel, bias, groups, rng)
+  active = np.asarray(out_indices[:, 0] >= 0)
+  out_sites = np.asarray(out_indices)[active]
   np.testing.assert_array_equal(np.asarray(out)[~active], 0)
-  expected = dense_oracle.sample(dense_fn(kernel, x.dense()), out_sites) + bias[None, :]
-  np.testing.assert_allclose(np.asarray(out)[active], expected, atol=ATOL, rtol=0)
 
-  cotangent = jnp.asarray(rng.standard_normal(out.shape), jnp.float32) * active[:, None]
+  @jax.jit
+  def dense_run(features, kernel):
+    def loss(features, kernel):
+      dense_out = dense_oracle.sample(dense_fn(kernel, x.replace(features=features).dense()), out_sites)
+      return jnp.sum(dense_out * cotangent[active]), dense_out
 
-  def sparse_loss(features, kernel):
-    return jnp.sum(ops.sparse_conv(features, kernel, pairs, groups=g["groups"]) * cotangent)
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(features, kernel)
 
-  def dense_loss(features, kernel):
-    dense_out = dense_fn(kernel, x.replace(features=features).dense())
-    return jnp.sum(dense_oracle.sample(dense_out, out_sites) * cotangent[active])
-
-  got = jax.grad(sparse_loss, argnums=(0, 1))(x.features, kernel)
-  want = jax.grad(dense_loss, argnums=(0, 1))(x.features, kernel)
-  for name, a, b in zip(("d_features", "d_kernel"), got, want):
+  want_grads, dense_out = dense_run(x.features, kernel)
+  np.testing.assert_allclose(np.asarray(out)[active], dense_out + bias[None, :], atol=ATOL, rtol=0)
+  for name, a, b in zip(("d_features", "d_kernel"), grads, want_grads):
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=name)
   return out_sites
 
@@ -94,15 +106,18 @@ def _assert_matches_dense(kind, x, pairs, kernel, bias, g, rng, dense_fn, in_row
 def test_conv_matches_dense(kind, data):
   g = data.draw(geometries(kind))
   rng, x, kernel, bias = _setup(g)
-  pairs, _, _ = ops.kernel_map(x, g["spec"])
+  spec = g["spec"]
+  capacity = x.capacity * spec.kernel_volume  # static upper bound: padding rows at the end
+  pairs_fn = lambda indices: ops.build_map(indices, spec, g["batch"], capacity)  # noqa: E731
   dense_fn = lambda k, d: _dense_layer(kind, g, k, d)  # noqa: E731
-  out_sites = _assert_matches_dense(kind, x, pairs, kernel, bias, g, rng, dense_fn)
+  out_sites = _assert_matches_dense(x, pairs_fn, kernel, bias, g["groups"], rng, dense_fn)
   if kind == "subm":
-    np.testing.assert_array_equal(pairs.out_indices, x.indices)  # same rows, same order
+    np.testing.assert_array_equal(out_sites, x.to_numpy()[1])  # same rows, same order
   else:
     occupancy = jnp.zeros((g["batch"], *g["shape"])).at[tuple(x.to_numpy()[1].T)].set(1)
-    s = g["spec"]
-    reached = dense_oracle.reached_sites(occupancy, s.kernel_size, s.stride, s.padding, s.dilation, kind == "transpose")
+    reached = dense_oracle.reached_sites(
+      occupancy, spec.kernel_size, spec.stride, spec.padding, spec.dilation, kind == "transpose"
+    )
     np.testing.assert_array_equal(out_sites, reached)  # the exact active set, sorted
 
 
@@ -110,16 +125,16 @@ def test_conv_matches_dense(kind, data):
 def test_inverse_conv_matches_dense_transpose(data):
   g = data.draw(geometries("conv"))
   rng, x, kernel, bias = _setup(g)
-  pairs, _, _ = ops.kernel_map(x, g["spec"])
-  inverse = ops.invert_map(pairs)
-  features = jnp.asarray(rng.standard_normal((pairs.out_capacity, g["c_in"])), jnp.float32)
-  y = x.replace(features=features, indices=pairs.out_indices, spatial_shape=g["spec"].out_spatial_shape)
-  kernel = jnp.asarray(rng.standard_normal((*g["ksize"], g["c_in"] // g["groups"], g["c_out"])), jnp.float32)
+  spec = g["spec"]
+  conv_pairs, _, _ = ops.kernel_map(x, spec)  # eager: sized to fit
+  features = jnp.asarray(rng.standard_normal((conv_pairs.out_capacity, g["c_in"])), jnp.float32)
+  y = x.replace(features=features, indices=conv_pairs.out_indices, spatial_shape=spec.out_spatial_shape)
+  pairs_fn = lambda indices: ops.invert_map(conv_pairs)  # noqa: E731
 
   def dense_fn(k, d):
     return dense_oracle.conv_transpose(d, k, g["stride"], g["padding"], g["dilation"], g["groups"], g["shape"])
 
-  out_sites = _assert_matches_dense("inverse", y, inverse, kernel, bias, g, rng, dense_fn)
+  out_sites = _assert_matches_dense(y, pairs_fn, kernel, bias, g["groups"], rng, dense_fn)
   np.testing.assert_array_equal(out_sites, x.to_numpy()[1])  # the conv's input rows, in order
 
 

@@ -1,0 +1,183 @@
+"""NNX layers: dense equivalence per alias, indice_key reuse and errors, capacity, spconv's examples."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import dense_oracle
+import jsparse
+from jsparse import nn as spnn
+from sparse_data import random_tensor
+
+ATOL = 1e-4
+SHAPES = {1: (11,), 2: (7, 6), 3: (5, 6, 4), 4: (4, 3, 4, 3)}
+
+
+def _dense_expected(layer, x, y):
+  """The layer's output computed densely from its own parameters, sampled at ``y``'s sites."""
+  kernel, bias = layer.kernel[...], layer.bias[...]
+  dense = x.dense()
+  if isinstance(layer, spnn.SubMConv):
+    out = dense_oracle.subm_conv(dense, kernel, layer.dilation, layer.groups)
+  elif isinstance(layer, spnn.SparseConvTranspose):
+    out = dense_oracle.conv_transpose(dense, kernel, layer.stride, layer.padding, layer.dilation, layer.groups)
+  else:
+    out = dense_oracle.conv(dense, kernel, layer.stride, layer.padding, layer.dilation, layer.groups)
+  return dense_oracle.sample(out, y.to_numpy()[1]) + bias[None, :]
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", ["SparseConv", "SubMConv", "SparseConvTranspose"])
+def test_layer_aliases_match_dense_eager_and_jit(kind, ndim):
+  rng = np.random.default_rng(ndim)
+  x = random_tensor(rng, 2, SHAPES[ndim], 4, 25, padding_rows=2)
+  cls = getattr(spnn, f"{kind}{ndim}d")
+  assert cls.__name__ == f"{kind}{ndim}d" and issubclass(cls, getattr(spnn, kind))
+  kernel_size = (3, 2, 3, 2)[:ndim]  # anisotropic, with even sizes
+  layer = cls(4, 6, kernel_size, stride=2, padding=1, groups=2, rngs=nnx.Rngs(0))
+  assert layer.kernel.shape == (*kernel_size, 2, 6) and layer.bias.shape == (6,)
+  y = layer(x)
+  np.testing.assert_allclose(y.to_numpy()[0], _dense_expected(layer, x, y), atol=ATOL, rtol=0)
+
+  layer.out_capacity = jsparse.round_capacity(y.capacity)
+  y_jit = nnx.jit(lambda layer, x: layer(x))(layer, x)
+  jsparse.check_capacity(y_jit)
+  assert y_jit.capacity == (x.capacity if kind == "SubMConv" else layer.out_capacity)
+  np.testing.assert_array_equal(y_jit.to_numpy()[1], y.to_numpy()[1])
+  np.testing.assert_allclose(y_jit.to_numpy()[0], y.to_numpy()[0], atol=1e-6)
+
+
+def test_inverse_conv_restores_sites_and_matches_dense():
+  rng = np.random.default_rng(5)
+  x = random_tensor(rng, 2, (9, 8, 7), 3, 60, padding_rows=4)
+  down = spnn.SparseConv3d(3, 5, 3, 2, indice_key="cp0", rngs=nnx.Rngs(0))
+  up = spnn.SparseInverseConv3d(5, 4, 3, indice_key="cp0", rngs=nnx.Rngs(1))
+  y = down(x)
+  z = up(y)
+  np.testing.assert_array_equal(z.indices, x.indices)  # same rows, same order, padding included
+  assert z.spatial_shape == x.spatial_shape
+  dense = dense_oracle.conv_transpose(y.dense(), up.kernel[...], (2,) * 3, (0,) * 3, (1,) * 3, out_shape=x.spatial_shape)
+  expected = dense_oracle.sample(dense, x.to_numpy()[1]) + up.bias[...][None, :]
+  np.testing.assert_allclose(z.to_numpy()[0], expected, atol=ATOL, rtol=0)
+
+
+def test_submanifold_layers_share_a_map_by_key():
+  x = random_tensor(np.random.default_rng(6), 1, (6, 6, 6), 4, 40)
+  a = spnn.SubMConv3d(4, 4, 3, indice_key="subm0", rngs=nnx.Rngs(0))
+  b = spnn.SubMConv3d(4, 4, 3, indice_key="subm0", rngs=nnx.Rngs(1))
+  y = a(x)
+  z = b(y)
+  assert z.indice_dict["subm0"] is y.indice_dict["subm0"]  # reused, not rebuilt
+  np.testing.assert_array_equal(z.indices, x.indices)
+
+
+def test_mismatched_reuse_and_unknown_keys_are_errors():
+  x = random_tensor(np.random.default_rng(7), 1, (6, 6, 6), 4, 40)
+  y = spnn.SubMConv3d(4, 4, 3, indice_key="subm0", rngs=nnx.Rngs(0))(x)
+  wrong = spnn.SubMConv3d(4, 4, 5, indice_key="subm0", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"'subm0'.*kernel_size=\(3, 3, 3\).*kernel_size=\(5, 5, 5\).*Known keys: 'subm0'"):
+    wrong(y)
+  with pytest.raises(ValueError, match=r"unknown indice_key 'cp9'.*Known keys: 'subm0'"):
+    spnn.SparseInverseConv3d(4, 4, 3, indice_key="cp9", rngs=nnx.Rngs(0))(y)
+  z = spnn.SparseConv3d(4, 4, 3, 2, indice_key="cp0", rngs=nnx.Rngs(0))(y)
+  with pytest.raises(ValueError, match=r"kernel_size=\(3, 3, 3\).*kernel_size=\(2, 2, 2\)"):
+    spnn.SparseInverseConv3d(4, 4, 2, indice_key="cp0", rngs=nnx.Rngs(0))(z)
+  with pytest.raises(ValueError, match="expects 3 spatial dims and 4 channels"):
+    spnn.SubMConv3d(4, 4, 3, rngs=nnx.Rngs(0))(z.replace_feature(jnp.zeros((z.capacity, 2))))
+  with pytest.raises(ValueError, match="divisible by groups=3"):
+    spnn.SparseConv3d(4, 6, 3, groups=3, rngs=nnx.Rngs(0))
+
+
+def test_capacity_eager_sizes_to_fit_or_raises_and_jit_records_overflow():
+  x = random_tensor(np.random.default_rng(8), 2, (8, 8, 8), 2, 100, padding_rows=10)
+  layer = spnn.SparseConv3d(2, 2, 3, 1, 1, rngs=nnx.Rngs(0))  # stride 1: the active set grows
+  needed = int(layer(x).num_active)
+  assert layer(x).capacity == needed > x.capacity
+  layer.out_capacity = needed - 1
+  with pytest.raises(jsparse.CapacityError, match=f"{needed} active sites but out_capacity={needed - 1}"):
+    layer(x)
+  y = nnx.jit(lambda layer, x: layer(x))(layer, x)
+  with pytest.raises(jsparse.CapacityError, match=f"needed {needed} output sites but out_capacity is {needed - 1}"):
+    jsparse.check_capacity(y)
+  assert int(y.num_active) == needed - 1  # the first sites in (batch, coords) order are kept
+  layer.out_capacity = jsparse.round_capacity(needed)
+  jsparse.check_capacity(nnx.jit(lambda layer, x: layer(x))(layer, x))
+
+
+def test_empty_and_all_padding_tensors():
+  for capacity in (0, 5):
+    x = jsparse.SparseConvTensor(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), (6, 6), 2, capacity=capacity)
+    for layer in (
+      spnn.SubMConv2d(3, 4, 3, rngs=nnx.Rngs(0)),
+      spnn.SparseConv2d(3, 4, 3, 2, rngs=nnx.Rngs(0)),
+      spnn.SparseConvTranspose2d(3, 4, 3, 2, rngs=nnx.Rngs(0)),
+    ):
+      y = layer(x)
+      assert int(y.num_active) == 0 and y.features.shape[1] == 4
+      assert not np.any(np.asarray(y.dense()))
+      y_jit = nnx.jit(lambda layer, x: layer(x))(layer, x)
+      assert int(y_jit.num_active) == 0 and not np.any(np.asarray(y_jit.features))
+
+
+def test_batch_with_an_empty_sample():
+  rng = np.random.default_rng(9)
+  x = random_tensor(rng, 1, (6, 6), 3, 12)
+  x = jsparse.SparseConvTensor(x.features, x.indices, (6, 6), batch_size=3)  # samples 1, 2 empty
+  layer = spnn.SparseConv2d(3, 4, 3, 2, 1, rngs=nnx.Rngs(0))
+  y = layer(x)
+  dense = y.dense()
+  assert not np.any(np.asarray(dense[1:]))
+  np.testing.assert_allclose(y.to_numpy()[0], _dense_expected(layer, x, y), atol=ATOL, rtol=0)
+
+
+def _spconv_readme_net(rngs):
+  """spconv's README example: SubM + BatchNorm + ReLU sharing indice_key, then down and up."""
+  return spnn.SparseSequential(
+    spnn.SubMConv3d(32, 32, 3, indice_key="subm0", rngs=rngs),
+    nnx.BatchNorm(32, rngs=rngs),
+    nnx.relu,
+    spnn.SubMConv3d(32, 32, 3, indice_key="subm0", rngs=rngs),
+    nnx.BatchNorm(32, rngs=rngs),
+    nnx.relu,
+    spnn.SparseConv3d(32, 64, 3, 2, indice_key="cp0", rngs=rngs),
+    nnx.BatchNorm(64, rngs=rngs),
+    nnx.relu,
+    spnn.SparseInverseConv3d(64, 32, 3, indice_key="cp0", rngs=rngs),
+  )
+
+
+def test_spconv_examples_run_eagerly_under_jit_and_train():
+  rng = np.random.default_rng(10)
+  x = random_tensor(rng, 2, (10, 10, 10), 32, 150, padding_rows=10)
+  target = jnp.asarray(rng.standard_normal((x.capacity, 32)), jnp.float32) * x.mask[:, None]
+  net = _spconv_readme_net(nnx.Rngs(0))
+  y = net(x)  # eager
+  np.testing.assert_array_equal(y.indices, x.indices)
+  assert set(y.indice_dict) == {"subm0", "cp0"}
+
+  optimizer = nnx.Optimizer(net, optax.adam(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(net, optimizer, x, target):
+    def loss_fn(net):
+      y = net(x)
+      return jnp.sum((y.features - target) ** 2) / jnp.sum(x.mask), y.overflow
+
+    (loss, overflow), grads = nnx.value_and_grad(loss_fn, has_aux=True)(net)
+    optimizer.update(net, grads)
+    return loss, overflow
+
+  losses = []
+  for _ in range(6):
+    loss, overflow = step(net, optimizer, x, target)
+    jsparse.check_capacity(overflow)
+    losses.append(float(loss))
+  assert losses[-1] < 0.8 * losses[0], losses
+  net.eval()
+  y_eval = nnx.jit(lambda net, x: net(x))(net, x)
+  assert not np.any(np.asarray(y_eval.features)[~np.asarray(x.mask)])  # padding stays zero
