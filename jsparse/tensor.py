@@ -55,6 +55,8 @@ class SparseConvTensor:
     *,
     capacity: int | None = None,
   ):
+    if getattr(indices, "dtype", np.int32) != np.int32:  # before jnp.asarray narrows int64
+      raise ValueError(f"indices must be int32, got {indices.dtype}; convert with .astype(np.int32)")
     features, indices = jnp.asarray(features), jnp.asarray(indices)
     spatial_shape = tuple(int(n) for n in spatial_shape)
     _check_structure(features, indices, spatial_shape, batch_size)
@@ -197,8 +199,6 @@ class SparseConvTensor:
 
 
 def _check_structure(features, indices, spatial_shape, batch_size) -> None:
-  if indices.dtype != jnp.int32:
-    raise ValueError(f"indices must be int32, got {indices.dtype}; convert with .astype(np.int32)")
   if indices.ndim != 2 or indices.shape[1] != 1 + len(spatial_shape):
     raise ValueError(
       f"indices must be [N, 1 + ndim] = [N, {1 + len(spatial_shape)}] for spatial_shape "

@@ -55,7 +55,10 @@ def conv_transpose(dense, kernel, stride, padding, dilation, groups=1, out_shape
   flipped = kernel[tuple(slice(None, None, -1) for _ in ksize)]
   pads = [((k - 1) * d - p,) * 2 for k, d, p in zip(ksize, dilation, padding)]
   if out_shape is not None:
-    nominal = [(n - 1) * s - 2 * p + d * (k - 1) + 1 for n, s, p, d, k in zip(dense.shape[1:-1], stride, padding, dilation, ksize)]
+    nominal = [
+      (n - 1) * s - 2 * p + d * (k - 1) + 1
+      for n, s, p, d, k in zip(dense.shape[1:-1], stride, padding, dilation, ksize)
+    ]
     pads = [(lo, hi + m - n) for (lo, hi), m, n in zip(pads, out_shape, nominal)]
   return lax.conv_general_dilated(
     dense,
@@ -76,7 +79,7 @@ def sample(dense, indices):
 
 
 def reached_sites(occupancy, ksize, stride, padding, dilation, transposed=False):
-  """Sorted int32 sites ``[n, 1 + ndim]`` where a tap reaches an occupied input, from ``occupancy [B, *S]``."""
+  """Sorted int32 sites ``[n, 1 + ndim]`` where a tap reaches an occupied cell of ``occupancy [B, *S]``."""
   x = jnp.asarray(occupancy, jnp.float32)[..., None]
   ones = jnp.ones((*ksize, 1, 1), jnp.float32)
   if transposed:

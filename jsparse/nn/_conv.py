@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
@@ -14,6 +13,7 @@ from jsparse import ops
 from jsparse.tensor import SparseConvTensor
 
 default_kernel_init = nnx.initializers.lecun_normal()
+default_bias_init = nnx.initializers.zeros_init()
 IntOrSeq = int | Sequence[int]
 
 
@@ -45,8 +45,7 @@ class _Conv(SparseModule):
   ):
     if in_channels % groups or out_channels % groups:
       raise ValueError(
-        f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
-        f"groups={groups}"
+        f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}"
       )
     self.num_spatial_dims = num_spatial_dims
     self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
@@ -108,7 +107,7 @@ class _MapBuildingConv(_Conv):
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     kernel_init: nnx.Initializer = default_kernel_init,
-    bias_init: nnx.Initializer = nnx.initializers.zeros_init(),
+    bias_init: nnx.Initializer = default_bias_init,
     rngs: nnx.Rngs,
   ):
     super().__init__(
@@ -131,7 +130,9 @@ class _MapBuildingConv(_Conv):
   def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
     """Convolves ``x``: features ``[capacity_in, C_in]`` -> ``[capacity_out, C_out]``."""
     self._check_input(x)
-    spec = ops.make_spec(self._kind, x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
+    spec = ops.make_spec(
+      self._kind, x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation
+    )
     pairs, indice_dict, overflow = ops.kernel_map(x, spec, self.indice_key, self.out_capacity, self._label())
     return self._convolve(x, pairs, spec.out_spatial_shape, indice_dict, overflow)
 
@@ -238,7 +239,7 @@ class SparseInverseConv(_Conv):
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     kernel_init: nnx.Initializer = default_kernel_init,
-    bias_init: nnx.Initializer = nnx.initializers.zeros_init(),
+    bias_init: nnx.Initializer = default_bias_init,
     rngs: nnx.Rngs,
   ):
     super().__init__(

@@ -169,7 +169,9 @@ def _tap_sources(spec: MapSpec, out_coords: jax.Array) -> tuple[jax.Array, jax.A
   """Input coordinates ``[N, K, ndim]`` read by each output through each tap, and validity."""
   q = out_coords[:, None, :]
   k = jnp.asarray(spec.offsets)[None]
-  stride, pad, dil = (jnp.asarray(v, jnp.int32)[None, None] for v in (spec.stride, spec.padding, spec.dilation))
+  stride, pad, dil = (
+    jnp.asarray(v, jnp.int32)[None, None] for v in (spec.stride, spec.padding, spec.dilation)
+  )
   if spec.kind == "transpose":
     numerator = q + pad - k * dil
     p = numerator // stride
@@ -184,7 +186,9 @@ def _tap_targets(spec: MapSpec, in_coords: jax.Array) -> tuple[jax.Array, jax.Ar
   """Output coordinates ``[N, K, ndim]`` that each input reaches through each tap, and validity."""
   p = in_coords[:, None, :]
   k = jnp.asarray(spec.offsets)[None]
-  stride, pad, dil = (jnp.asarray(v, jnp.int32)[None, None] for v in (spec.stride, spec.padding, spec.dilation))
+  stride, pad, dil = (
+    jnp.asarray(v, jnp.int32)[None, None] for v in (spec.stride, spec.padding, spec.dilation)
+  )
   if spec.kind == "transpose":
     q = p * stride - pad + k * dil
     valid = jnp.ones(q.shape[:-1], bool)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -25,7 +24,9 @@ def _dense_expected(layer, x, y):
   if isinstance(layer, spnn.SubMConv):
     out = dense_oracle.subm_conv(dense, kernel, layer.dilation, layer.groups)
   elif isinstance(layer, spnn.SparseConvTranspose):
-    out = dense_oracle.conv_transpose(dense, kernel, layer.stride, layer.padding, layer.dilation, layer.groups)
+    out = dense_oracle.conv_transpose(
+      dense, kernel, layer.stride, layer.padding, layer.dilation, layer.groups
+    )
   else:
     out = dense_oracle.conv(dense, kernel, layer.stride, layer.padding, layer.dilation, layer.groups)
   return dense_oracle.sample(out, y.to_numpy()[1]) + bias[None, :]
@@ -61,7 +62,9 @@ def test_inverse_conv_restores_sites_and_matches_dense():
   z = up(y)
   np.testing.assert_array_equal(z.indices, x.indices)  # same rows, same order, padding included
   assert z.spatial_shape == x.spatial_shape
-  dense = dense_oracle.conv_transpose(y.dense(), up.kernel[...], (2,) * 3, (0,) * 3, (1,) * 3, out_shape=x.spatial_shape)
+  dense = dense_oracle.conv_transpose(
+    y.dense(), up.kernel[...], (2,) * 3, (0,) * 3, (1,) * 3, out_shape=x.spatial_shape
+  )
   expected = dense_oracle.sample(dense, x.to_numpy()[1]) + up.bias[...][None, :]
   np.testing.assert_allclose(z.to_numpy()[0], expected, atol=ATOL, rtol=0)
 
@@ -80,7 +83,9 @@ def test_mismatched_reuse_and_unknown_keys_are_errors():
   x = random_tensor(np.random.default_rng(7), 1, (6, 6, 6), 4, 40)
   y = spnn.SubMConv3d(4, 4, 3, indice_key="subm0", rngs=nnx.Rngs(0))(x)
   wrong = spnn.SubMConv3d(4, 4, 5, indice_key="subm0", rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"'subm0'.*kernel_size=\(3, 3, 3\).*kernel_size=\(5, 5, 5\).*Known keys: 'subm0'"):
+  with pytest.raises(
+    ValueError, match=r"'subm0'.*kernel_size=\(3, 3, 3\).*kernel_size=\(5, 5, 5\).*Known keys: 'subm0'"
+  ):
     wrong(y)
   with pytest.raises(ValueError, match=r"unknown indice_key 'cp9'.*Known keys: 'subm0'"):
     spnn.SparseInverseConv3d(4, 4, 3, indice_key="cp9", rngs=nnx.Rngs(0))(y)
@@ -102,7 +107,9 @@ def test_capacity_eager_sizes_to_fit_or_raises_and_jit_records_overflow():
   with pytest.raises(jsparse.CapacityError, match=f"{needed} active sites but out_capacity={needed - 1}"):
     layer(x)
   y = nnx.jit(lambda layer, x: layer(x))(layer, x)
-  with pytest.raises(jsparse.CapacityError, match=f"needed {needed} output sites but out_capacity is {needed - 1}"):
+  with pytest.raises(
+    jsparse.CapacityError, match=f"needed {needed} output sites but out_capacity is {needed - 1}"
+  ):
     jsparse.check_capacity(y)
   assert int(y.num_active) == needed - 1  # the first sites in (batch, coords) order are kept
   layer.out_capacity = jsparse.round_capacity(needed)
@@ -111,7 +118,9 @@ def test_capacity_eager_sizes_to_fit_or_raises_and_jit_records_overflow():
 
 def test_empty_and_all_padding_tensors():
   for capacity in (0, 5):
-    x = jsparse.SparseConvTensor(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), (6, 6), 2, capacity=capacity)
+    x = jsparse.SparseConvTensor(
+      np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), (6, 6), 2, capacity=capacity
+    )
     for layer in (
       spnn.SubMConv2d(3, 4, 3, rngs=nnx.Rngs(0)),
       spnn.SparseConv2d(3, 4, 3, 2, rngs=nnx.Rngs(0)),

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import dense_oracle
-import jsparse
 from jsparse import ops
 from sparse_data import random_tensor
 
@@ -132,7 +131,9 @@ def test_inverse_conv_matches_dense_transpose(data):
   pairs_fn = lambda indices: ops.invert_map(conv_pairs)  # noqa: E731
 
   def dense_fn(k, d):
-    return dense_oracle.conv_transpose(d, k, g["stride"], g["padding"], g["dilation"], g["groups"], g["shape"])
+    return dense_oracle.conv_transpose(
+      d, k, g["stride"], g["padding"], g["dilation"], g["groups"], g["shape"]
+    )
 
   out_sites = _assert_matches_dense(y, pairs_fn, kernel, bias, g["groups"], rng, dense_fn)
   np.testing.assert_array_equal(out_sites, x.to_numpy()[1])  # the conv's input rows, in order
@@ -153,11 +154,15 @@ def test_low_precision_accumulates_in_float32(dtype):
   x = random_tensor(rng, 1, (6, 6, 6), 16, 80)
   pairs, _, _ = ops.kernel_map(x, ops.make_spec("subm", x.spatial_shape, 3))
   kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 16, 8)) / 8, jnp.float32)
-  want = ops.sparse_conv(x.features.astype(dtype).astype(jnp.float32), kernel.astype(dtype).astype(jnp.float32), pairs)
+  want = ops.sparse_conv(
+    x.features.astype(dtype).astype(jnp.float32), kernel.astype(dtype).astype(jnp.float32), pairs
+  )
   got = ops.sparse_conv(x.features.astype(dtype), kernel.astype(dtype), pairs)
   assert got.dtype == dtype
   eps = float(jnp.finfo(dtype).eps)
-  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=4 * eps * float(jnp.max(jnp.abs(want))), rtol=0)
+  np.testing.assert_allclose(
+    got.astype(jnp.float32), want, atol=4 * eps * float(jnp.max(jnp.abs(want))), rtol=0
+  )
   grads = jax.grad(lambda f, k: jnp.sum(ops.sparse_conv(f, k, pairs).astype(jnp.float32)), argnums=(0, 1))(
     x.features.astype(dtype), kernel.astype(dtype)
   )
