@@ -32,18 +32,21 @@ def _load_points(path: pathlib.Path | None) -> tuple[np.ndarray, str]:
   return np.c_[xyz, rng.uniform(0, 1, len(xyz)).astype(np.float32)], "synthetic street (no scan found)"
 
 
-def _voxelize(points: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-  """Mean-pooled voxels: ``(features [V, 4] xyz-mean + intensity, coords int32 [V, 3] zyx, shape)``.
+def voxelize_mean(points: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+  """Mean-pooled voxels of ``points [P, F]`` (x, y, z first) over their bounding box.
 
-  A minimal numpy voxelizer for the demo only.
+  A minimal host-side voxelizer for the demo and the benchmarks.
+
+  Returns:
+    ``(features [V, F] per-voxel means, coords int32 [V, 3] in zyx order sorted, spatial_shape zyx)``.
   """
   low = points[:, :3].min(0)
   cells = np.floor((points[:, :3] - low) / voxel_size).astype(np.int64)
   shape_xyz = cells.max(0) + 1
   keys = np.ravel_multi_index(cells.T[::-1], shape_xyz[::-1])  # zyx order
   unique, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-  sums = np.zeros((len(unique), 4))
-  np.add.at(sums, inverse, points[:, :4])
+  sums = np.zeros((len(unique), points.shape[1]))
+  np.add.at(sums, inverse, points)
   coords = np.stack(np.unravel_index(unique, shape_xyz[::-1]), axis=1).astype(np.int32)
   return (sums / counts[:, None]).astype(np.float32), coords, tuple(int(n) for n in shape_xyz[::-1])
 
@@ -82,7 +85,7 @@ def demo(scan: pathlib.Path | None, steps: int, voxel_size: float) -> dict:
   import optax
 
   points, source = _load_points(scan)
-  features, coords, shape = _voxelize(points, voxel_size)
+  features, coords, shape = voxelize_mean(points, voxel_size)
   ground_level = np.percentile(features[:, 2], 5)
   labels = (features[:, 2] > ground_level + 0.3).astype(np.int32)
   inputs = np.c_[features[:, 3:4], np.ones_like(features[:, :1])]  # intensity and 1: no height given

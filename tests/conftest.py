@@ -25,3 +25,8 @@ def shared_data() -> pathlib.Path:
   if not DATA_DIR.is_dir():
     pytest.skip(f"{DATA_DIR} is absent")
   return DATA_DIR
+
+
+# The oracles compare float32 results to 1e-4: use full float32 matmuls everywhere (on GPUs the
+# default would be TF32 for both the sparse path and lax.conv).
+jax.config.update("jax_default_matmul_precision", "highest")

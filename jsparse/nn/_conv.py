@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
+from jax import lax
 
 from jsparse import ops
 from jsparse.tensor import SparseConvTensor
@@ -39,6 +40,7 @@ class _Conv(SparseModule):
     *,
     dtype: Any,
     param_dtype: Any,
+    precision: lax.PrecisionLike,
     kernel_init: nnx.Initializer,
     bias_init: nnx.Initializer,
     rngs: nnx.Rngs,
@@ -50,7 +52,7 @@ class _Conv(SparseModule):
     self.num_spatial_dims = num_spatial_dims
     self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
     self.kernel_size = ops.ntuple(kernel_size, num_spatial_dims, "kernel_size")
-    self.dtype, self.param_dtype = dtype, param_dtype
+    self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
     shape = (*self.kernel_size, in_channels // groups, out_channels)
     self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
     if bias:
@@ -75,7 +77,7 @@ class _Conv(SparseModule):
   ) -> SparseConvTensor:
     bias = None if self.bias is None else self.bias[...]
     features, kernel, bias = dtypes.promote_dtype((x.features, self.kernel[...], bias), dtype=self.dtype)
-    out = ops.sparse_conv(features, kernel, pairs, bias, groups=self.groups)
+    out = ops.sparse_conv(features, kernel, pairs, bias, groups=self.groups, precision=self.precision)
     return x.replace(
       features=out,
       indices=pairs.out_indices,
@@ -106,13 +108,15 @@ class _MapBuildingConv(_Conv):
     out_capacity: int | None = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
+    precision: lax.PrecisionLike = None,
     kernel_init: nnx.Initializer = default_kernel_init,
     bias_init: nnx.Initializer = default_bias_init,
     rngs: nnx.Rngs,
   ):
     super().__init__(
       num_spatial_dims, in_channels, out_channels, kernel_size, groups, bias,
-      dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+      dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
+      bias_init=bias_init, rngs=rngs,
     )  # fmt: skip
     self.stride = ops.ntuple(stride, num_spatial_dims, "stride")
     self.padding = ops.ntuple(padding, num_spatial_dims, "padding")
@@ -154,6 +158,7 @@ _ARGS_DOC = """
       :func:`jsparse.check_capacity`).
     dtype: computation dtype (default: promoted from inputs and parameters).
     param_dtype: parameter dtype.
+    precision: matmul precision, as for ``lax.conv`` (``None``: the platform default).
     kernel_init: initializer of ``kernel [*kernel_size, C_in // groups, C_out]``.
     bias_init: initializer of ``bias [C_out]``.
     rngs: random state for the initializers.
@@ -224,7 +229,7 @@ class SparseInverseConv(_Conv):
     kernel_size: the stored layer's kernel size.
     indice_key: the key the strided layer stored its map under.
     bias: whether to add a bias at every output site.
-    dtype, param_dtype, kernel_init, bias_init, rngs: as :class:`SparseConv`.
+    dtype, param_dtype, precision, kernel_init, bias_init, rngs: as :class:`SparseConv`.
   """
 
   def __init__(
@@ -238,13 +243,15 @@ class SparseInverseConv(_Conv):
     *,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
+    precision: lax.PrecisionLike = None,
     kernel_init: nnx.Initializer = default_kernel_init,
     bias_init: nnx.Initializer = default_bias_init,
     rngs: nnx.Rngs,
   ):
     super().__init__(
       num_spatial_dims, in_channels, out_channels, kernel_size, 1, bias,
-      dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+      dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
+      bias_init=bias_init, rngs=rngs,
     )  # fmt: skip
     self.indice_key = indice_key
 

@@ -25,13 +25,13 @@ def gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
   return jnp.where((rows >= 0)[:, None], picked, jnp.zeros((), x.dtype))
 
 
-def _grouped_matmul(x: jax.Array, w: jax.Array, groups: int) -> jax.Array:
+def _grouped_matmul(x: jax.Array, w: jax.Array, groups: int, precision) -> jax.Array:
   """``[N, G * a] x [a, G * b] -> float32 [N, G * b]``, group ``g`` using its own a and b slices."""
   n = x.shape[0]
   a, gb = w.shape
   xg = x.reshape(n, groups, a)
   wg = w.reshape(a, groups, gb // groups)
-  out = jnp.einsum("nga,agb->ngb", xg, wg, preferred_element_type=jnp.float32)
+  out = jnp.einsum("nga,agb->ngb", xg, wg, precision=precision, preferred_element_type=jnp.float32)
   return out.reshape(n, gb)
 
 
@@ -42,36 +42,36 @@ def _transpose_kernel(kernel: jax.Array, groups: int) -> jax.Array:
   return kernel.reshape(k, a, groups, b).transpose(0, 3, 2, 1).reshape(k, b, groups * a)
 
 
-def _gather_matmul(features, kernel, nbr, groups) -> jax.Array:
+def _gather_matmul(features, kernel, nbr, groups, precision) -> jax.Array:
   """float32 ``[M, C_out]``: sum over taps of ``features[nbr[:, k]] @ kernel[k]``."""
 
   def tap(acc, tap_args):
     rows, w = tap_args
-    return acc + _grouped_matmul(gather_rows(features, rows), w, groups), None
+    return acc + _grouped_matmul(gather_rows(features, rows), w, groups, precision), None
 
   acc = jnp.zeros((nbr.shape[0], kernel.shape[2]), jnp.float32)
   acc, _ = lax.scan(tap, acc, (nbr.T, kernel))
   return acc
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _conv(features, kernel, nbr, nbr_t, groups):
-  return _gather_matmul(features, kernel, nbr, groups).astype(features.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _conv(features, kernel, nbr, nbr_t, groups, precision):
+  return _gather_matmul(features, kernel, nbr, groups, precision).astype(features.dtype)
 
 
-def _conv_fwd(features, kernel, nbr, nbr_t, groups):
-  return _conv(features, kernel, nbr, nbr_t, groups), (features, kernel, nbr, nbr_t)
+def _conv_fwd(features, kernel, nbr, nbr_t, groups, precision):
+  return _conv(features, kernel, nbr, nbr_t, groups, precision), (features, kernel, nbr, nbr_t)
 
 
-def _conv_bwd(groups, residuals, d_out):
+def _conv_bwd(groups, precision, residuals, d_out):
   features, kernel, nbr, nbr_t = residuals
-  d_features = _gather_matmul(d_out, _transpose_kernel(kernel, groups), nbr_t, groups)
+  d_features = _gather_matmul(d_out, _transpose_kernel(kernel, groups), nbr_t, groups, precision)
   n, a = nbr.shape[0], kernel.shape[1]
   d_out_groups = d_out.reshape(n, groups, d_out.shape[1] // groups)
 
   def tap_grad(_, rows):  # [a, G * b] for one tap, reduced over output rows in order
     xg = gather_rows(features, rows).reshape(n, groups, a)
-    dw = jnp.einsum("nga,ngb->agb", xg, d_out_groups, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("nga,ngb->agb", xg, d_out_groups, precision=precision, preferred_element_type=jnp.float32)
     return None, dw.reshape(a, kernel.shape[2]).astype(kernel.dtype)
 
   _, d_kernel = lax.scan(tap_grad, None, nbr.T)
@@ -88,6 +88,7 @@ def sparse_conv(
   bias: jax.Array | None = None,
   *,
   groups: int = 1,
+  precision: lax.PrecisionLike = None,
 ) -> jax.Array:
   """Sparse convolution of ``features`` over the kernel map ``pairs``.
 
@@ -98,6 +99,8 @@ def sparse_conv(
     pairs: the kernel map.
     bias: optional ``[C_out]``, added at active output rows only.
     groups: number of channel groups (``C_in`` and ``C_out`` divisible by it).
+    precision: matmul precision, as for ``lax.conv`` (``None``: the platform default, which is
+      TF32 for float32 on recent NVIDIA GPUs; ``lax.Precision.HIGHEST`` for full float32).
 
   Returns:
     ``[capacity_out, C_out]`` in ``features.dtype`` (float32 accumulation); padding rows are 0.
@@ -131,13 +134,13 @@ def sparse_conv(
       f"features ({features.dtype}) and kernel ({kernel.dtype}) must have one dtype; cast one "
       "of them (the nn layers do this with their dtype argument)"
     )
-  return _sparse_conv(features, kernel, pairs, bias, groups)
+  return _sparse_conv(features, kernel, pairs, bias, groups, precision)
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
-def _sparse_conv(features, kernel, pairs, bias, groups):
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _sparse_conv(features, kernel, pairs, bias, groups, precision):
   kernel_flat = kernel.reshape(pairs.spec.kernel_volume, *kernel.shape[-2:])
-  out = _conv(features, kernel_flat, pairs.nbr, pairs.transpose_nbr, groups)
+  out = _conv(features, kernel_flat, pairs.nbr, pairs.transpose_nbr, groups, precision)
   active = (pairs.out_indices[:, 0] >= 0)[:, None]
   if bias is not None:
     out = out + bias.astype(out.dtype)[None, :]

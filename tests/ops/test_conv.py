@@ -208,3 +208,15 @@ def test_bad_arguments_are_explained():
     ops.make_spec("conv", (2, 2), 5)
   with pytest.raises(ValueError, match="kernel_size"):
     ops.make_spec("conv", (4, 4), (3, 3, 3))
+
+
+def test_precision_is_passed_to_the_matmuls():
+  rng = np.random.default_rng(4)
+  x = random_tensor(rng, 1, (6, 6), 8, 20)
+  pairs, _, _ = ops.kernel_map(x, ops.make_spec("subm", x.spatial_shape, 3))
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.float32)
+  lowered = jax.jit(lambda f, k: ops.sparse_conv(f, k, pairs, precision="highest")).lower(x.features, kernel)
+  assert "HIGHEST" in lowered.as_text().upper()
+  with jax.default_matmul_precision("default"):
+    plain = jax.jit(lambda f, k: ops.sparse_conv(f, k, pairs)).lower(x.features, kernel)
+  assert "HIGHEST" not in plain.as_text().upper()
