@@ -60,17 +60,20 @@ def conv_transpose(dense, kernel, stride, padding, dilation, groups=1, out_shape
       for n, s, p, d, k in zip(dense.shape[1:-1], stride, padding, dilation, ksize)
     ]
     pads = [(lo, hi + m - n) for (lo, hi), m, n in zip(pads, out_shape, nominal)]
-  return lax.conv_general_dilated(
+  # Negative padding crops; do it as a slice of a non-negatively padded result.
+  out = lax.conv_general_dilated(
     dense,
     flipped,
     window_strides=(1,) * len(ksize),
-    padding=pads,
+    padding=[(max(lo, 0), max(hi, 0)) for lo, hi in pads],
     lhs_dilation=stride,
     rhs_dilation=dilation,
     dimension_numbers=_dimension_numbers(len(ksize)),
     feature_group_count=groups,
     precision=lax.Precision.HIGHEST,
   )
+  crop = [slice(max(-lo, 0), n - max(-hi, 0)) for (lo, hi), n in zip(pads, out.shape[1:-1])]
+  return out[(slice(None), *crop)]
 
 
 def sample(dense, indices):
