@@ -16,13 +16,14 @@ def build_info() -> dict[str, Any]:
 
   Returns:
     A dict with ``cpu_ffi`` (the CPU extension is built and its targets registered),
-    ``cuda_ffi`` (the CUDA extension was built), ``ffi_targets`` (per platform), ``backend``
+    ``cuda_ffi`` (the CUDA extension was built; usable only where jax has a CUDA backend),
+    ``ffi_targets`` (the targets of each built extension, by platform), ``backend``
     (the backend in force), ``jax_version``, ``jaxlib_version``, ``jax_platform``.
 
   >>> sorted(build_info())[:3]
   ['backend', 'cpu_ffi', 'cuda_ffi']
   """
-  targets = {p: sorted(_ffi.targets(p)) for p in ("cpu",)}
+  targets = {platform: sorted(_ffi.targets(platform)) for platform in ("cpu", "cuda")}
   return {
     "cpu_ffi": bool(targets["cpu"]),
     "cuda_ffi": _ffi.built("cuda"),

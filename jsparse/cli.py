@@ -144,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   run.add_argument("--voxel-size", type=float, default=0.2)
   commands.add_parser("info", help="print build_info() as JSON")
   args = parser.parse_args(argv)
+  if args.command == "demo" and args.steps < 2:
+    parser.error("--steps must be at least 2 (the first step compiles; the rest are timed)")
   if args.command == "demo":
     summary = demo(args.scan, args.steps, args.voxel_size)
     print(json.dumps(summary, indent=2))

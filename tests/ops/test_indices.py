@@ -79,6 +79,8 @@ def test_ffi_rejects_bad_arguments_with_actionable_errors():
     jax.block_until_ready(_range_status_ffi(jnp.zeros((2, 3), jnp.int32), (4, 4, 4), 1))
   with pytest.raises(Exception, match="batch_size"):
     jax.block_until_ready(_range_status_ffi(jnp.zeros((2, 3), jnp.int32), (4, 4), 0))
+  with pytest.raises(Exception, match="indices must be int32; cast with"):
+    jax.block_until_ready(_range_status_ffi(jnp.zeros((2, 3), jnp.float32), (4, 4), 1))
   with pytest.raises(ValueError, match="int32"):
     ops.check_indices(jnp.zeros((2, 3), jnp.float32), (4, 4), 1)
 

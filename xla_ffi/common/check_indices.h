@@ -41,11 +41,13 @@ JSPARSE_HD inline int32_t ClassifyIndexRow(const int32_t* row, int ndim,
 // [..., N, 1 + ndim] (leading dims come from vmap with vmap_method="broadcast_all" and are treated
 // as more rows); status must be indices.shape[:-1]. Returns an empty string when everything is
 // valid, otherwise a message for ffi::Error::InvalidArgument.
-inline std::string ValidateCheckIndicesArgs(const int64_t* indices_dims, int64_t indices_rank,
+inline std::string ValidateCheckIndicesArgs(bool indices_int32, const int64_t* indices_dims,
+                                            int64_t indices_rank,
                                             const int64_t* status_dims, int64_t status_rank,
                                             const int64_t* spatial_shape, int64_t ndim,
                                             int64_t batch_size) {
   const std::string op = "jsparse_check_indices: ";
+  if (!indices_int32) return op + "indices must be int32; cast with indices.astype(jnp.int32)";
   if (indices_rank < 2) {
     return op + "indices must be an int32 array [N, 1 + ndim] (batch index, then coordinates), " +
            "got rank " + std::to_string(indices_rank);

@@ -44,16 +44,13 @@ cudaError_t ComputeCheckIndices(cudaStream_t stream, const int32_t* indices, int
 ffi::Error CheckIndicesImpl(cudaStream_t stream, IndicesBuffer indices,
                             ffi::Span<const int64_t> spatial_shape, int64_t batch_size,
                             StatusBuffer status) {
-  if (indices.element_type() != ffi::S32) {
-    return ffi::Error::InvalidArgument(
-        "jsparse_check_indices: indices must be int32; cast with indices.astype(jnp.int32)");
-  }
   const auto dims = indices.dimensions();
   const int64_t ndim = static_cast<int64_t>(spatial_shape.size());
   const auto status_dims = status->dimensions();
   std::string message =
-      ValidateCheckIndicesArgs(dims.begin(), dims.size(), status_dims.begin(), status_dims.size(),
-                               spatial_shape.begin(), ndim, batch_size);
+      ValidateCheckIndicesArgs(indices.element_type() == ffi::S32, dims.begin(), dims.size(),
+                               status_dims.begin(), status_dims.size(), spatial_shape.begin(), ndim,
+                               batch_size);
   if (!message.empty()) return ffi::Error::InvalidArgument(message);
   const int64_t n = IndexRowCount(dims.begin(), dims.size());
   SpatialShape shape{};

@@ -1,0 +1,48 @@
+"""Outputs and gradients are bitwise identical across runs and across CPU thread settings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+# Runs as a script in a subprocess and in-process: prints a digest of outputs and gradients.
+SCRIPT = """
+import hashlib, jax, jax.numpy as jnp, numpy as np
+from jsparse import ops
+rng = np.random.default_rng(0)
+flat = rng.choice(2 * 24**3, size=3000, replace=False)
+idx = jnp.asarray(np.stack(np.unravel_index(flat, (2, 24, 24, 24)), 1).astype(np.int32))
+features = jnp.asarray(rng.standard_normal((3000, 32)), jnp.float32)
+digest = hashlib.sha256()
+specs = [(ops.make_spec("subm", (24,) * 3, 3), None), (ops.make_spec("conv", (24,) * 3, 3, 2, 1), 8000)]
+for spec, capacity in specs:
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 32, 16)), jnp.float32)
+  def loss(f, k):
+    pairs = ops.build_map(idx, spec, 2, capacity)
+    out = ops.sparse_conv(f, k, pairs)
+    return jnp.sum(out * jnp.cos(out)), out
+  (value, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(features, kernel)
+  for a in (out, *grads):
+    digest.update(np.asarray(a).tobytes())
+print(digest.hexdigest())
+"""
+
+
+def _digest(xla_flags: str, one_cpu: bool = False) -> str:
+  env = dict(os.environ, XLA_FLAGS=xla_flags)
+  command = [sys.executable, "-c", SCRIPT]
+  if one_cpu:  # XLA sizes its thread pools from the CPU affinity mask
+    command = ["taskset", "-c", "0", *command]
+  out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+  return out.stdout.strip()
+
+
+def test_bitwise_identical_across_runs_and_thread_settings():
+  threaded = _digest("")
+  assert len(threaded) == 64
+  assert _digest("") == threaded
+  assert _digest("--xla_cpu_multi_thread_eigen=false") == threaded
+  if shutil.which("taskset"):
+    assert _digest("", one_cpu=True) == threaded
