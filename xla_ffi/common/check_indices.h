@@ -4,11 +4,7 @@
 #include <cstdint>
 #include <string>
 
-#ifdef __CUDACC__
-#define JSPARSE_HD __host__ __device__
-#else
-#define JSPARSE_HD
-#endif
+#include "device.h"
 
 namespace jsparse {
 

@@ -1,26 +1,16 @@
 // nanobind module jsparse._ffi_cpu: exposes the CPU FFI handlers as PyCapsules.
 #include <nanobind/nanobind.h>
 
-#include "xla/ffi/api/api.h"
+#include "../common/registry.h"
 
 namespace nb = nanobind;
 
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JsparseCheckIndicesCpu);
-
-namespace {
-
-template <typename Fn>
-nb::capsule EncapsulateHandler(Fn* fn) {
-  return nb::capsule(reinterpret_cast<void*>(fn));
-}
-
-}  // namespace
-
 NB_MODULE(_ffi_cpu, m) {
   // FFI target name -> handler capsule, for jax.ffi.register_ffi_target(..., platform="cpu").
+  // Each kernel file adds its targets with JSPARSE_REGISTER_FFI_TARGET.
   m.def("registrations", []() {
     nb::dict d;
-    d["jsparse_check_indices"] = EncapsulateHandler(JsparseCheckIndicesCpu);
+    for (const auto& [name, handler] : jsparse::FfiTargets()) d[name.c_str()] = nb::capsule(handler);
     return d;
   });
 }

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "../common/check_indices.h"
+#include "../common/registry.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -75,3 +76,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<ffi::Span<const int64_t>>("spatial_shape")  // int64 array, ndim entries
         .Attr<int64_t>("batch_size")                      // int64 scalar
         .Ret<ffi::Buffer<ffi::S32>>());                   // status [N] int32
+
+JSPARSE_REGISTER_FFI_TARGET("jsparse_check_indices", JsparseCheckIndicesCuda);

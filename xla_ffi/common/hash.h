@@ -1,0 +1,37 @@
+// Hashing shared by every open-addressing table on CPU and CUDA: the kernel-map builder and
+// jsparse.ops.HashTable. The Python reference path of HashTable mirrors MixKey32/MixKey64 and
+// linear probing exactly, so both backends produce the same table layout.
+#pragma once
+
+#include <cstdint>
+
+#include "device.h"
+
+namespace jsparse {
+
+// MurmurHash3 finalizers: every input bit affects every output bit, so packed coordinates that
+// differ in one axis land far apart.
+JSPARSE_HD inline uint32_t MixKey32(uint32_t k) {
+  k ^= k >> 16;
+  k *= 0x85ebca6bu;
+  k ^= k >> 13;
+  k *= 0xc2b2ae35u;
+  k ^= k >> 16;
+  return k;
+}
+
+JSPARSE_HD inline uint64_t MixKey64(uint64_t k) {
+  k ^= k >> 33;
+  k *= 0xff51afd7ed558ccdull;
+  k ^= k >> 33;
+  k *= 0xc4ceb9fe1a85ec53ull;
+  k ^= k >> 33;
+  return k;
+}
+
+// Linear probing: the slot after `slot` in a table of `capacity` slots.
+JSPARSE_HD inline int64_t NextSlot(int64_t slot, int64_t capacity) {
+  return slot + 1 == capacity ? 0 : slot + 1;
+}
+
+}  // namespace jsparse
