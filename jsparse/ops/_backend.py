@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -76,15 +77,22 @@ def dispatch(target: str, ffi_impl: Callable[..., Any], reference: Callable[...,
 
 
 def jit(fun: Callable[..., Any], static_argnames: tuple[str, ...] = ()) -> Callable[..., Any]:
-  """``jax.jit`` whose compilation cache also keys on the backend in force at call time."""
+  """``jax.jit`` whose compilation cache also keys on the backend in force at call time.
+
+  Arguments are bound to ``fun``'s signature first, so static arguments may be passed by
+  position or by name.
+  """
+  signature = inspect.signature(fun)
 
   @functools.partial(jax.jit, static_argnames=(*static_argnames, "_backend_name"))
-  def jitted(*args, _backend_name, **kwargs):
+  def jitted(_backend_name, **kwargs):
     with backend(_backend_name):
-      return fun(*args, **kwargs)
+      return fun(**kwargs)
 
   @functools.wraps(fun)
   def wrapper(*args, **kwargs):
-    return jitted(*args, _backend_name=current_backend(), **kwargs)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return jitted(_backend_name=current_backend(), **bound.arguments)
 
   return wrapper

@@ -1,9 +1,10 @@
 """Sparse convolution over a kernel map: gather, multiply by each tap's weights, accumulate.
 
-Reference path. Output-stationary: output row ``o`` sums ``features[nbr[o, k]] @ kernel[k]`` over
-taps ``k``, accumulating in float32. The VJP reads the transposed map for the input gradient
-(again one writer per row, no scatter-add) and reduces the kernel gradient tap by tap, so
-results do not depend on scheduling.
+Output-stationary: output row ``o`` sums ``features[nbr[o, k]] @ kernel[k]`` over taps ``k``,
+accumulating in float32. The VJP reads the transposed map for the input gradient (again one
+writer per row, no scatter-add) and reduces the kernel gradient tap by tap, so results do not
+depend on scheduling. Each direction has an FFI kernel (``xla_ffi/cpu/conv.cc``: fused
+gather-GEMM-scatter, threaded) and a jnp reference, chosen by :func:`jsparse.backend`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from jsparse.ops import _backend
 from jsparse.ops._kmap import IndicePairs
 
 
@@ -54,9 +57,54 @@ def _gather_matmul(features, kernel, nbr, groups, precision) -> jax.Array:
   return acc
 
 
+def _weight_grad_reference(features, d_out, nbr, groups, precision) -> jax.Array:
+  """``[K, a, G * b]``: per tap, ``features[nbr[:, k]]^T @ d_out`` per group, reduced in order."""
+  n, c_out = d_out.shape
+  a = features.shape[1] // groups
+  d_out_groups = d_out.reshape(n, groups, c_out // groups)
+
+  def tap_grad(_, rows):
+    xg = gather_rows(features, rows).reshape(n, groups, a)
+    dw = jnp.einsum("nga,ngb->agb", xg, d_out_groups, precision=precision, preferred_element_type=jnp.float32)
+    return None, dw.reshape(a, c_out).astype(features.dtype)
+
+  return lax.scan(tap_grad, None, nbr.T)[1]
+
+
+def _gather_gemm(features, kernel, nbr, groups, precision) -> jax.Array:
+  """``[M, C_out]`` in ``features.dtype``: sum over taps of ``features[nbr[:, k]] @ kernel[k]``.
+
+  The FFI kernel always multiplies in full float32 (``precision`` only affects the reference).
+  """
+  out = jax.ShapeDtypeStruct((nbr.shape[0], kernel.shape[2]), features.dtype)
+  ffi = jax.ffi.ffi_call("jsparse_conv_gather_gemm", out, vmap_method="sequential")
+  return _backend.dispatch(
+    "jsparse_conv_gather_gemm",
+    lambda x, w, rows: ffi(x, w, rows, groups=np.int64(groups)),
+    lambda x, w, rows: _gather_matmul(x, w, rows, groups, precision).astype(x.dtype),
+    features,
+    kernel,
+    nbr,
+  )
+
+
+def _weight_grad(features, d_out, nbr, groups, precision, kernel_shape) -> jax.Array:
+  """The kernel gradient ``[K, a, G * b]`` in ``features.dtype``."""
+  out = jax.ShapeDtypeStruct(kernel_shape, features.dtype)
+  ffi = jax.ffi.ffi_call("jsparse_conv_weight_grad", out, vmap_method="sequential")
+  return _backend.dispatch(
+    "jsparse_conv_weight_grad",
+    lambda x, dy, rows: ffi(x, dy, rows, groups=np.int64(groups)),
+    lambda x, dy, rows: _weight_grad_reference(x, dy, rows, groups, precision),
+    features,
+    d_out,
+    nbr,
+  )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _conv(features, kernel, nbr, nbr_t, groups, precision):
-  return _gather_matmul(features, kernel, nbr, groups, precision).astype(features.dtype)
+  return _gather_gemm(features, kernel, nbr, groups, precision)
 
 
 def _conv_fwd(features, kernel, nbr, nbr_t, groups, precision):
@@ -65,17 +113,9 @@ def _conv_fwd(features, kernel, nbr, nbr_t, groups, precision):
 
 def _conv_bwd(groups, precision, residuals, d_out):
   features, kernel, nbr, nbr_t = residuals
-  d_features = _gather_matmul(d_out, _transpose_kernel(kernel, groups), nbr_t, groups, precision)
-  n, a = nbr.shape[0], kernel.shape[1]
-  d_out_groups = d_out.reshape(n, groups, d_out.shape[1] // groups)
-
-  def tap_grad(_, rows):  # [a, G * b] for one tap, reduced over output rows in order
-    xg = gather_rows(features, rows).reshape(n, groups, a)
-    dw = jnp.einsum("nga,ngb->agb", xg, d_out_groups, precision=precision, preferred_element_type=jnp.float32)
-    return None, dw.reshape(a, kernel.shape[2]).astype(kernel.dtype)
-
-  _, d_kernel = lax.scan(tap_grad, None, nbr.T)
-  return d_features.astype(features.dtype), d_kernel, None, None
+  d_features = _gather_gemm(d_out, _transpose_kernel(kernel, groups), nbr_t, groups, precision)
+  d_kernel = _weight_grad(features, d_out, nbr, groups, precision, kernel.shape)
+  return d_features, d_kernel, None, None
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -137,11 +177,13 @@ def sparse_conv(
   return _sparse_conv(features, kernel, pairs, bias, groups, precision)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _sparse_conv(features, kernel, pairs, bias, groups, precision):
+def _sparse_conv_impl(features, kernel, pairs, bias, groups, precision):
   kernel_flat = kernel.reshape(pairs.spec.kernel_volume, *kernel.shape[-2:])
   out = _conv(features, kernel_flat, pairs.nbr, pairs.transpose_nbr, groups, precision)
   active = (pairs.out_indices[:, 0] >= 0)[:, None]
   if bias is not None:
     out = out + bias.astype(out.dtype)[None, :]
   return jnp.where(active, out, jnp.zeros((), out.dtype))
+
+
+_sparse_conv = _backend.jit(_sparse_conv_impl, static_argnames=("groups", "precision"))

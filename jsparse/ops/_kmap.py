@@ -217,7 +217,6 @@ def _transpose(nbr: jax.Array, in_capacity: int) -> jax.Array:
   return nbr_t.at[rows, taps].set(out_rows, mode="drop")
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "batch_size", "capacity"))
 def output_sites(
   indices: jax.Array, spec: MapSpec, batch_size: int, capacity: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -247,7 +246,6 @@ def output_sites(
   return out, jnp.sum(first, dtype=jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "batch_size"))
 def map_for_outputs(
   indices: jax.Array, out_indices: jax.Array, num_out: jax.Array, spec: MapSpec, batch_size: int
 ) -> IndicePairs:

@@ -1,0 +1,320 @@
+// Sparse convolution on CPU: fused gather-GEMM-scatter over a kernel map (jsparse.ops.sparse_conv).
+//
+// jsparse_conv_gather_gemm: out[o] = sum_k features[nbr[o, k]] @ kernel[k] (per group), used for
+//   the forward pass and, with the transposed map and kernel, for the input gradient. Each task
+//   owns a tile of output rows and accumulates them in float32 over the taps in order, so no two
+//   threads write the same row and results do not depend on the thread count.
+// jsparse_conv_weight_grad: d_kernel[k] = sum_o features[nbr[o, k]]^T d_out[o] (per group). Each
+//   task sums the pairs of a fixed range of output rows into its own float32 partials, which are
+//   then added in range order, again independent of scheduling.
+// Neither materializes [N, K, C]: a task gathers kGemmRows rows at a time.
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../common/registry.h"
+#include "float_convert.h"
+#include "gemm.h"
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jsparse {
+namespace {
+
+bool IsFeatureType(ffi::DataType t) {
+  return t == ffi::F32 || t == ffi::BF16 || t == ffi::F16;
+}
+
+std::string Shape(ffi::AnyBuffer::Dimensions dims) {
+  std::string s = "[";
+  for (size_t d = 0; d < dims.size(); ++d) s += (d ? ", " : "") + std::to_string(dims[d]);
+  return s + "]";
+}
+
+// The channel layout shared by both handlers: C_in = groups * a, C_out = groups * b.
+struct ConvDims {
+  int64_t n_in, n_out, taps, groups, a, b;
+  int64_t c_in() const { return groups * a; }
+  int64_t c_out() const { return groups * b; }
+};
+
+// Checks features [N_in, C_in], kernel-shaped [K, a, G * b] and nbr int32 [N_out, K]; fills dims.
+std::string ValidateConvArgs(const std::string& op, const ffi::AnyBuffer& features,
+                             ffi::AnyBuffer::Dimensions kernel_dims, ffi::DataType kernel_type,
+                             const ffi::AnyBuffer& nbr, int64_t groups, ConvDims* dims) {
+  const auto f = features.dimensions();
+  const auto n = nbr.dimensions();
+  if (!IsFeatureType(features.element_type())) {
+    return op + "features must be float32, bfloat16 or float16";
+  }
+  if (kernel_type != features.element_type()) {
+    return op + "features and kernel must have the same dtype; cast one of them";
+  }
+  if (f.size() != 2) return op + "features must be [N, C_in], got shape " + Shape(f);
+  if (kernel_dims.size() != 3) {
+    return op + "kernel must be [K, C_in // groups, C_out], got shape " + Shape(kernel_dims);
+  }
+  if (nbr.element_type() != ffi::S32 || n.size() != 2 || n[1] != kernel_dims[0]) {
+    return op + "nbr must be int32 [N_out, K] with K = " + std::to_string(kernel_dims[0]) +
+           " kernel taps, got shape " + Shape(n);
+  }
+  if (groups < 1 || f[1] % groups != 0 || kernel_dims[2] % groups != 0 ||
+      kernel_dims[1] * groups != f[1]) {
+    return op + "with groups = " + std::to_string(groups) + ", C_in (" + std::to_string(f[1]) +
+           ") and C_out (" + std::to_string(kernel_dims[2]) +
+           ") must be divisible by groups and the kernel's input axis must be C_in // groups, "
+           "got kernel shape " + Shape(kernel_dims);
+  }
+  *dims = {f[0], n[0], kernel_dims[0], groups, kernel_dims[1], kernel_dims[2] / groups};
+  return {};
+}
+
+// Row `i` of features, or nullptr when the map has no input there (-1, or out of range).
+template <typename T>
+const T* InputRow(const T* features, int64_t n_in, int64_t c_in, int32_t i) {
+  return i >= 0 && i < n_in ? features + i * c_in : nullptr;
+}
+
+// float32 [taps][groups][a][b_pad]: each group's slice of each tap, columns zero-padded.
+template <typename T>
+std::vector<float> PackKernel(const T* kernel, const ConvDims& d, int64_t b_pad) {
+  std::vector<float> packed(d.taps * d.groups * d.a * b_pad, 0.0f);
+  for (int64_t k = 0; k < d.taps; ++k) {
+    for (int64_t g = 0; g < d.groups; ++g) {
+      float* dst = packed.data() + (k * d.groups + g) * d.a * b_pad;
+      for (int64_t i = 0; i < d.a; ++i) {
+        const T* src = kernel + (k * d.a + i) * d.c_out() + g * d.b;
+        for (int64_t j = 0; j < d.b; ++j) dst[i * b_pad + j] = ToFloat(src[j]);
+      }
+    }
+  }
+  return packed;
+}
+
+// ---- jsparse_conv_gather_gemm ----
+
+template <typename T>
+ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel, const int32_t* nbr,
+                       const ConvDims& d, T* out) {
+  const int64_t b_pad = RoundUp(d.b, GemmLanes());
+  const int64_t ldc = d.groups * b_pad;
+  // Tiles of up to 512 rows keep the float32 accumulators near 64 KiB, and large enough that a
+  // tap's few valid rows still fill most of a kGemmRows block.
+  const int64_t tile = std::clamp<int64_t>(RoundUp(16384 / ldc, kGemmRows), 64, 512);
+  const int64_t num_tiles = (d.n_out + tile - 1) / tile;
+  auto packed = std::make_shared<std::vector<float>>(PackKernel(kernel, d, b_pad));
+  auto body = [=](int64_t task) {
+    const int64_t first = task * tile;
+    const int64_t rows = std::min(tile, d.n_out - first);
+    std::vector<float> acc((rows + 1) * ldc, 0.0f);  // the extra row absorbs padding rows
+    std::vector<float> a(kGemmRows * d.c_in());
+    float* spare = acc.data() + rows * ldc;
+    float* c_rows[kGemmRows];
+    for (int64_t k = 0; k < d.taps; ++k) {
+      int filled = 0;
+      auto flush = [&] {
+        for (int r = filled; r < kGemmRows; ++r) {
+          std::fill_n(a.data() + r * d.c_in(), d.c_in(), 0.0f);
+          c_rows[r] = spare;
+        }
+        for (int64_t g = 0; g < d.groups; ++g) {
+          const float* w = packed->data() + (k * d.groups + g) * d.a * b_pad;
+          GemmRows(a.data() + g * d.a, d.c_in(), 1, d.a, w, b_pad, b_pad, c_rows, g * b_pad);
+        }
+        filled = 0;
+      };
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* x = InputRow(features, d.n_in, d.c_in(), nbr[(first + r) * d.taps + k]);
+        if (x == nullptr) continue;
+        float* dst = a.data() + filled * d.c_in();
+        for (int64_t c = 0; c < d.c_in(); ++c) dst[c] = ToFloat(x[c]);
+        c_rows[filled++] = acc.data() + r * ldc;
+        if (filled == kGemmRows) flush();
+      }
+      if (filled > 0) flush();
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      T* dst = out + (first + r) * d.c_out();
+      for (int64_t g = 0; g < d.groups; ++g) {
+        const float* src = acc.data() + r * ldc + g * b_pad;
+        for (int64_t j = 0; j < d.b; ++j) dst[g * d.b + j] = FromFloat<T>(src[j]);
+      }
+    }
+  };
+  return ParallelFor(pool, num_tiles, body);
+}
+
+ffi::Future GatherGemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::AnyBuffer kernel,
+                           ffi::AnyBuffer nbr, int64_t groups, ffi::Result<ffi::AnyBuffer> out) {
+  const std::string op = "jsparse_conv_gather_gemm: ";
+  ConvDims d;
+  std::string message = ValidateConvArgs(op, features, kernel.dimensions(), kernel.element_type(),
+                                         nbr, groups, &d);
+  const auto out_dims = out->dimensions();
+  if (message.empty() && (out->element_type() != features.element_type() || out_dims.size() != 2 ||
+                          out_dims[0] != d.n_out || out_dims[1] != d.c_out())) {
+    message = op + "the output must be [N_out, C_out] = [" + std::to_string(d.n_out) + ", " +
+              std::to_string(d.c_out()) + "] in the features' dtype";
+  }
+  if (!message.empty()) return InvalidArgumentFuture(message);
+  const int32_t* rows = nbr.typed_data<int32_t>();
+  switch (features.element_type()) {
+    case ffi::F32:
+      return GatherGemm(pool, features.typed_data<float>(), kernel.typed_data<float>(), rows, d,
+                        out->typed_data<float>());
+    case ffi::BF16:
+      return GatherGemm(pool, static_cast<const BFloat16*>(features.untyped_data()),
+                        static_cast<const BFloat16*>(kernel.untyped_data()), rows, d,
+                        static_cast<BFloat16*>(out->untyped_data()));
+    default:
+      return GatherGemm(pool, static_cast<const Float16*>(features.untyped_data()),
+                        static_cast<const Float16*>(kernel.untyped_data()), rows, d,
+                        static_cast<Float16*>(out->untyped_data()));
+  }
+}
+
+// ---- jsparse_conv_weight_grad ----
+
+template <typename T>
+ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out, const int32_t* nbr,
+                       const ConvDims& d, T* d_kernel) {
+  const int64_t b_pad = RoundUp(d.b, GemmLanes());
+  const int64_t a_pad = RoundUp(d.a, kGemmRows);
+  const int64_t ldc = d.groups * b_pad;
+  // Output rows are cut into at most 16 ranges (a function of N only, never of the thread
+  // count); each range's task sums its pairs per tap into its own float32 partial, and the
+  // partials are added in range order.
+  const int64_t range = std::max<int64_t>(4096, (d.n_out + 15) / 16);
+  const int64_t num_ranges = (d.n_out + range - 1) / range;
+  const int64_t partial_size = a_pad * ldc;
+  auto partials = std::make_shared<std::vector<float>>(num_ranges * d.taps * partial_size);
+  auto used = std::make_shared<std::vector<char>>(num_ranges * d.taps, 0);
+  auto body = [=](int64_t task) {
+    const int64_t first = task * range;
+    const int64_t last = std::min(d.n_out, first + range);
+    // (output row, input row) pairs of each tap within the range, in output-row order.
+    std::vector<std::vector<std::pair<int32_t, int32_t>>> pairs(d.taps);
+    for (int64_t o = first; o < last; ++o) {
+      for (int64_t k = 0; k < d.taps; ++k) {
+        const int32_t i = nbr[o * d.taps + k];
+        if (i >= 0 && i < d.n_in) pairs[k].emplace_back(static_cast<int32_t>(o), i);
+      }
+    }
+    constexpr int64_t kChunk = 256;  // pairs gathered at a time
+    std::vector<float> x(kChunk * d.c_in());
+    std::vector<float> dy(kChunk * ldc, 0.0f);
+    std::vector<float> zeros(d.c_in(), 0.0f);
+    float* c_rows[kGemmRows];
+    for (int64_t k = 0; k < d.taps; ++k) {
+      if (pairs[k].empty()) continue;
+      (*used)[task * d.taps + k] = 1;
+      float* partial = partials->data() + (task * d.taps + k) * partial_size;
+      std::fill_n(partial, partial_size, 0.0f);
+      for (size_t begin = 0; begin < pairs[k].size(); begin += kChunk) {
+        const int64_t len = std::min<int64_t>(kChunk, pairs[k].size() - begin);
+        for (int64_t p = 0; p < len; ++p) {
+          const auto [o, i] = pairs[k][begin + p];
+          const T* xs = features + i * d.c_in();
+          for (int64_t c = 0; c < d.c_in(); ++c) x[p * d.c_in() + c] = ToFloat(xs[c]);
+          const T* ys = d_out + o * d.c_out();
+          for (int64_t g = 0; g < d.groups; ++g) {
+            for (int64_t j = 0; j < d.b; ++j) dy[p * ldc + g * b_pad + j] = ToFloat(ys[g * d.b + j]);
+          }
+        }
+        for (int64_t g = 0; g < d.groups; ++g) {
+          for (int64_t r0 = 0; r0 < a_pad; r0 += kGemmRows) {
+            // Rows of A are input channels g * a + r; channels past `a` read a zero column.
+            for (int r = 0; r < kGemmRows; ++r) c_rows[r] = partial + (r0 + r) * ldc;
+            if (r0 + kGemmRows <= d.a) {
+              GemmRows(x.data() + g * d.a + r0, 1, d.c_in(), len, dy.data() + g * b_pad, ldc, b_pad,
+                       c_rows, g * b_pad);
+            } else {
+              std::vector<float> tail(kGemmRows * len, 0.0f);  // [kGemmRows, len], zero-padded
+              for (int64_t r = 0; r0 + r < d.a; ++r) {
+                for (int64_t p = 0; p < len; ++p) tail[r * len + p] = x[p * d.c_in() + g * d.a + r0 + r];
+              }
+              GemmRows(tail.data(), len, 1, len, dy.data() + g * b_pad, ldc, b_pad, c_rows, g * b_pad);
+            }
+          }
+        }
+      }
+    }
+  };
+  auto finish = [=]() {
+    std::vector<float> sum(partial_size);
+    for (int64_t k = 0; k < d.taps; ++k) {
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t t = 0; t < num_ranges; ++t) {
+        if (!(*used)[t * d.taps + k]) continue;
+        const float* partial = partials->data() + (t * d.taps + k) * partial_size;
+        for (int64_t e = 0; e < partial_size; ++e) sum[e] += partial[e];
+      }
+      for (int64_t c = 0; c < d.a; ++c) {
+        T* dst = d_kernel + (k * d.a + c) * d.c_out();
+        for (int64_t g = 0; g < d.groups; ++g) {
+          for (int64_t j = 0; j < d.b; ++j) dst[g * d.b + j] = FromFloat<T>(sum[c * ldc + g * b_pad + j]);
+        }
+      }
+    }
+  };
+  return ParallelFor(pool, num_ranges, body, finish);
+}
+
+ffi::Future WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::AnyBuffer d_out,
+                           ffi::AnyBuffer nbr, int64_t groups, ffi::Result<ffi::AnyBuffer> d_kernel) {
+  const std::string op = "jsparse_conv_weight_grad: ";
+  ConvDims d;
+  std::string message = ValidateConvArgs(op, features, d_kernel->dimensions(),
+                                         d_kernel->element_type(), nbr, groups, &d);
+  const auto y = d_out.dimensions();
+  if (message.empty() && (d_out.element_type() != features.element_type() || y.size() != 2 ||
+                          y[0] != d.n_out || y[1] != d.c_out())) {
+    message = op + "d_out must be [N_out, C_out] = [" + std::to_string(d.n_out) + ", " +
+              std::to_string(d.c_out()) + "] in the features' dtype, got shape " + Shape(y);
+  }
+  if (!message.empty()) return InvalidArgumentFuture(message);
+  const int32_t* rows = nbr.typed_data<int32_t>();
+  switch (features.element_type()) {
+    case ffi::F32:
+      return WeightGrad(pool, features.typed_data<float>(), d_out.typed_data<float>(), rows, d,
+                        d_kernel->typed_data<float>());
+    case ffi::BF16:
+      return WeightGrad(pool, static_cast<const BFloat16*>(features.untyped_data()),
+                        static_cast<const BFloat16*>(d_out.untyped_data()), rows, d,
+                        static_cast<BFloat16*>(d_kernel->untyped_data()));
+    default:
+      return WeightGrad(pool, static_cast<const Float16*>(features.untyped_data()),
+                        static_cast<const Float16*>(d_out.untyped_data()), rows, d,
+                        static_cast<Float16*>(d_kernel->untyped_data()));
+  }
+}
+
+}  // namespace
+}  // namespace jsparse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparseConvGatherGemmCpu, jsparse::GatherGemmImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()       // features [N_in, C_in]
+        .Arg<ffi::AnyBuffer>()       // kernel [K, C_in // groups, C_out]
+        .Arg<ffi::AnyBuffer>()       // nbr int32 [N_out, K]
+        .Attr<int64_t>("groups")     // channel groups
+        .Ret<ffi::AnyBuffer>());     // out [N_out, C_out]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparseConvWeightGradCpu, jsparse::WeightGradImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()       // features [N_in, C_in]
+        .Arg<ffi::AnyBuffer>()       // d_out [N_out, C_out]
+        .Arg<ffi::AnyBuffer>()       // nbr int32 [N_out, K]
+        .Attr<int64_t>("groups")     // channel groups
+        .Ret<ffi::AnyBuffer>());     // d_kernel [K, C_in // groups, C_out]
+
+JSPARSE_REGISTER_FFI_TARGET("jsparse_conv_gather_gemm", JsparseConvGatherGemmCpu);
+JSPARSE_REGISTER_FFI_TARGET("jsparse_conv_weight_grad", JsparseConvWeightGradCpu);

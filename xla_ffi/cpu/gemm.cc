@@ -1,0 +1,74 @@
+// Instantiates gemm_rows.inc for each instruction set and dispatches to the best one the CPU has.
+#include "gemm.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define JSPARSE_GEMM_X86 1
+#endif
+
+#ifdef JSPARSE_GEMM_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,fma")
+#define JSPARSE_GEMM_NAMESPACE avx512
+#define JSPARSE_GEMM_LANES 16
+#include "gemm_rows.inc"
+#undef JSPARSE_GEMM_NAMESPACE
+#undef JSPARSE_GEMM_LANES
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define JSPARSE_GEMM_NAMESPACE avx2
+#define JSPARSE_GEMM_LANES 8
+#include "gemm_rows.inc"
+#undef JSPARSE_GEMM_NAMESPACE
+#undef JSPARSE_GEMM_LANES
+#pragma GCC pop_options
+#endif
+
+#define JSPARSE_GEMM_NAMESPACE portable
+#define JSPARSE_GEMM_LANES 4
+#include "gemm_rows.inc"
+#undef JSPARSE_GEMM_NAMESPACE
+#undef JSPARSE_GEMM_LANES
+
+namespace jsparse {
+namespace {
+
+enum class Isa { kAvx512, kAvx2, kPortable };
+
+Isa DetectIsa() {
+#ifdef JSPARSE_GEMM_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("fma")) {
+    return Isa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kPortable;
+}
+
+const Isa kIsa = DetectIsa();
+
+}  // namespace
+
+int64_t GemmLanes() {
+  switch (kIsa) {
+    case Isa::kAvx512: return 16;
+    case Isa::kAvx2: return 8;
+    default: return 4;
+  }
+}
+
+void GemmRows(const float* a, int64_t a_row, int64_t a_inner, int64_t inner, const float* b,
+              int64_t ldb, int64_t cols, float* const* c_rows, int64_t c_offset) {
+  switch (kIsa) {
+#ifdef JSPARSE_GEMM_X86
+    case Isa::kAvx512: return avx512::GemmRows(a, a_row, a_inner, inner, b, ldb, cols, c_rows, c_offset);
+    case Isa::kAvx2: return avx2::GemmRows(a, a_row, a_inner, inner, b, ldb, cols, c_rows, c_offset);
+#endif
+    default: return portable::GemmRows(a, a_row, a_inner, inner, b, ldb, cols, c_rows, c_offset);
+  }
+}
+
+}  // namespace jsparse

@@ -1,0 +1,63 @@
+// Work splitting on the XLA CPU intra-op thread pool.
+//
+// Handlers return an ffi::Future instead of waiting, so no pool worker ever blocks on a latch.
+// Tasks are claimed dynamically, but every task writes only its own outputs, so results do not
+// depend on which thread ran which task or on the number of threads.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jsparse {
+
+namespace ffi = xla::ffi;
+
+// A future that has already failed with InvalidArgument(message).
+inline ffi::Future InvalidArgumentFuture(const std::string& message) {
+  ffi::Promise promise;
+  promise.SetError(ffi::Error::InvalidArgument(message));
+  return ffi::Future(promise);
+}
+
+// Runs body(task) for every task in [0, num_tasks) on the pool, then finish() once on the thread
+// that completed the last task; the returned future becomes available after finish() returns.
+// body and finish are shared by the workers and must only read shared state or write outputs
+// owned by their task.
+template <typename Body, typename Finish>
+ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t num_tasks, Body body, Finish finish) {
+  struct Shared {
+    Shared(Body b, Finish f, int64_t n, int64_t w)
+        : body(std::move(b)), finish(std::move(f)), num_tasks(n), remaining(w) {}
+    Body body;
+    Finish finish;
+    int64_t num_tasks;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> remaining;
+  };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), num_tasks));
+  auto shared = std::make_shared<Shared>(std::move(body), std::move(finish), num_tasks, workers);
+  ffi::CountDownPromise done(workers);
+  ffi::Future future(done);
+  for (int64_t w = 0; w < workers; ++w) {
+    pool.Schedule([shared, done]() mutable {
+      for (int64_t task; (task = shared->next.fetch_add(1)) < shared->num_tasks;) shared->body(task);
+      // The last worker to finish runs `finish` before releasing the future.
+      if (shared->remaining.fetch_sub(1) == 1) shared->finish();
+      done.CountDown();
+    });
+  }
+  return future;
+}
+
+template <typename Body>
+ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t num_tasks, Body body) {
+  return ParallelFor(pool, num_tasks, std::move(body), [] {});
+}
+
+}  // namespace jsparse
