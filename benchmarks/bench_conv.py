@@ -1,17 +1,24 @@
-"""Kernel-map building and sparse convolution on a real nuScenes sweep, measured side by side.
+"""Kernel maps and sparse convolution on a real nuScenes sweep: FFI kernels, reference path, spconv.
 
-Prints one table: per case the time of each backend, useful GFLOP/s (2 x active pairs x C_in x
-C_out / time) and that rate as a fraction of a dense float32 matmul measured in the same run.
-Until the FFI conv kernels land, the reference path is the only conv backend.
+Prints one table. Each row is one case measured side by side in this run: the FFI time, the
+reference-path time and their ratio; useful GFLOP/s (2 x active pairs x C_in x C_out / time) and
+that rate as a fraction of a dense float32 matmul ``[sites, C] @ [C, C]`` measured in the same run;
+and, when torch + spconv 2.3.8 are installed, spconv's CPU time (single-threaded, its only correct
+setting) and spconv time / FFI time. Times are the best of ``--repeats`` calls after a compiling
+warm-up (the slow reference path gets one timed call). Peak memory (max RSS) is printed last.
 
-  python benchmarks/bench_conv.py [--voxel 0.1] [--batch 1 4] [--channels 16 32 64 128]
+  python benchmarks/bench_conv.py [--voxel 0.1 0.05] [--batch 1 4] [--channels 16 32 64 128]
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import resource
+import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +28,13 @@ import jsparse
 from jsparse import ops
 from jsparse.cli import voxelize_mean
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _spconv  # noqa: E402
+
 SCAN = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "nuscenes_lidar_top.bin"
 
 
-def best_time(fn, *args, repeats: int) -> float:
+def best_time(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
   """Seconds per call: the best of ``repeats`` timed calls after a compiling warm-up."""
   jax.block_until_ready(fn(*args))
   times = []
@@ -43,6 +53,7 @@ def dense_matmul_gflops(rows: int, channels: int, repeats: int) -> float:
 
 
 def load_batch(voxel: float, batch: int) -> jsparse.SparseConvTensor:
+  """The sweep voxelized at ``voxel`` metres over its bounding box, repeated ``batch`` times."""
   points = np.fromfile(SCAN, np.float32).reshape(-1, 5)
   _, coords, shape = voxelize_mean(points, voxel)
   indices = np.concatenate([np.c_[np.full(len(coords), b, np.int32), coords] for b in range(batch)])
@@ -52,49 +63,122 @@ def load_batch(voxel: float, batch: int) -> jsparse.SparseConvTensor:
   )
 
 
+class Table:
+  COLUMNS = (
+    ("case", 44), ("sites", 8), ("pairs", 9), ("FFI ms", 9), ("ref ms", 10), ("ref/FFI", 8),
+    ("GFLOP/s", 8), ("of dense", 9), ("spconv ms", 10), ("spconv/FFI", 11),
+  )  # fmt: skip
+
+  def __init__(self) -> None:
+    self.rows: list[str] = []
+
+  def add(self, case, sites, pairs=None, ffi=None, ref=None, flops=None, dense=None, spconv=None) -> None:
+    rate = flops / ffi / 1e9 if flops and ffi else None
+    cells = (
+      case,
+      sites,
+      pairs,
+      None if ffi is None else 1e3 * ffi,
+      None if ref is None else 1e3 * ref,
+      None if ref is None or ffi is None else f"{ref / ffi:.1f}x",
+      rate,
+      None if rate is None or dense is None else f"{rate / dense:.0%}",
+      None if spconv is None else 1e3 * spconv,
+      None if spconv is None or ffi is None else f"{spconv / ffi:.1f}x",
+    )
+    text = []
+    for (name, width), cell in zip(self.COLUMNS, cells):
+      if cell is None:
+        cell = ""
+      elif isinstance(cell, float):
+        cell = f"{cell:.1f}"
+      text.append(f"{cell:<{width}}" if name == "case" else f"{cell:>{width}}")
+    self.rows.append("".join(text))
+    print(self.rows[-1], flush=True)
+
+  def header(self) -> str:
+    return "".join(f"{n:<{w}}" if n == "case" else f"{n:>{w}}" for n, w in self.COLUMNS)
+
+
+def timed(backend: str, fn: Callable[..., Any], *args: Any, repeats: int) -> float:
+  with jsparse.backend(backend):
+    return best_time(jax.jit(fn), *args, repeats=repeats)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--voxel", type=float, nargs="+", default=[0.1])
+  parser.add_argument("--voxel", type=float, nargs="+", default=[0.1, 0.05])
   parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-  parser.add_argument("--channels", type=int, nargs="+", default=[16, 64])
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--no-spconv", action="store_true", help="skip spconv even when installed")
   args = parser.parse_args()
-  targets = jsparse.build_info()["ffi_targets"]
-  print(f"jax {jax.__version__} on {jax.default_backend()}; FFI targets {targets}")
-  header = f"{'case':<40}{'sites':>8}{'pairs':>9}{'reference ms':>14}{'GFLOP/s':>9}{'of dense':>10}"
-  rows = []
+  with_spconv = not args.no_spconv and _spconv.available()
+  info = jsparse.build_info()
+  targets = ", ".join(sorted(info["ffi_targets"]))
+  print(f"jax {jax.__version__} on {jax.default_backend()}; FFI targets: {targets}")
+  print(f"spconv 2.3.8 (CPU, 1 thread) side by side: {'yes' if with_spconv else 'not installed'}")
+  table = Table()
+  print(table.header())
   for voxel in args.voxel:
     for batch in args.batch:
       x = load_batch(voxel, batch)
-      name = f"{voxel} m, batch {batch}"
+      name = f"{voxel} m x{batch}"
+      sites = int(x.num_active)
       subm = ops.make_spec("subm", x.spatial_shape, 3)
       down = ops.make_spec("conv", x.spatial_shape, 3, 2, 1)
-      with jsparse.backend("reference"):
-        build_subm = jax.jit(lambda i, s=subm, b=batch: ops.build_map(i, s, b))
-        build_down = jax.jit(lambda i, s=down, b=batch, c=x.capacity: ops.build_map(i, s, b, c))
-        t_subm = best_time(build_subm, x.indices, repeats=args.repeats)
-        t_down = best_time(build_down, x.indices, repeats=args.repeats)
-      pairs = build_subm(x.indices)
+      build_subm = lambda i, s=subm, b=batch: ops.build_map(i, s, b)  # noqa: E731
+      build_down = lambda i, s=down, b=batch, c=x.capacity: ops.build_map(i, s, b, c)  # noqa: E731
+      with jsparse.backend("ffi"):
+        pairs = jax.jit(build_subm)(x.indices)
       active_pairs = int(jnp.sum(pairs.nbr >= 0))
-      sites = int(x.num_active)
-      rows.append((f"{name}: subm 3x3x3 map", sites, active_pairs, t_subm, None, None))
-      rows.append((f"{name}: conv k3 s2 p1 map", sites, None, t_down, None, None))
+      theirs = {}
+      if with_spconv:
+        active = np.asarray(x.indices)[:sites]
+        for c in args.channels:
+          theirs[c] = _spconv.measure(active, x.spatial_shape, batch, c, repeats=args.repeats)
+      any_c = theirs[args.channels[0]] if theirs else {}
+      table.add(
+        f"{name}: subm 3x3x3 map", sites, active_pairs,
+        timed("ffi", build_subm, x.indices, repeats=args.repeats),
+        timed("reference", build_subm, x.indices, repeats=1), spconv=any_c.get("subm_map"),
+      )  # fmt: skip
+      table.add(
+        f"{name}: conv k3 s2 p1 map", sites, None,
+        timed("ffi", build_down, x.indices, repeats=args.repeats),
+        timed("reference", build_down, x.indices, repeats=1), spconv=any_c.get("conv_map"),
+      )  # fmt: skip
+      rng = np.random.default_rng(0)
       for c in args.channels:
-        features = jnp.asarray(np.random.default_rng(0).standard_normal((x.capacity, c)), jnp.float32)
-        kernel = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 3, c, c)) / c, jnp.float32)
-        forward = jax.jit(lambda f, k, p=pairs: ops.sparse_conv(f, k, p))
-        both = jax.jit(jax.grad(lambda f, k, p=pairs: jnp.sum(ops.sparse_conv(f, k, p) ** 2), argnums=(0, 1)))
+        features = jnp.asarray(rng.standard_normal((x.capacity, c)), jnp.float32)
+        kernel = jnp.asarray(rng.standard_normal((3, 3, 3, c, c)) / c, jnp.float32)
+        forward = lambda f, k, p: ops.sparse_conv(f, k, p)  # noqa: E731
+        both = jax.grad(lambda f, k, p: jnp.sum(ops.sparse_conv(f, k, p) ** 2), argnums=(0, 1))
         flops = 2 * active_pairs * c * c
         dense = dense_matmul_gflops(sites, c, args.repeats)
-        for label, fn, work in (("forward", forward, flops), ("forward+backward", both, 3 * flops)):
-          t = best_time(fn, features, kernel, repeats=args.repeats)
-          rate = work / t / 1e9
-          rows.append((f"{name}: subm C={c} {label}", sites, active_pairs, t, rate, rate / dense))
-  print(header)
-  for case, sites, pairs_, t, rate, fraction in rows:
-    pairs_text = "" if pairs_ is None else f"{pairs_:>9}"
-    rate_text = "" if rate is None else f"{rate:>9.1f}{fraction:>10.1%}"
-    print(f"{case:<40}{sites:>8}{pairs_text:>9}{1e3 * t:>14.1f}{rate_text}")
+        spconv = theirs.get(c, {})
+        for label, fn, work, spconv_time in (
+          ("forward", forward, flops, spconv.get("subm_forward")),
+          ("fwd+bwd", both, 3 * flops, None),  # spconv's CPU build has no backward
+        ):
+          table.add(
+            f"{name}: subm C={c} {label} (map reused)", sites, active_pairs,
+            timed("ffi", fn, features, kernel, pairs, repeats=args.repeats),
+            timed("reference", fn, features, kernel, pairs, repeats=1), work, dense, spconv_time,
+          )  # fmt: skip
+        if c == 64 or c == args.channels[-1] and 64 not in args.channels:
+
+          def strided(f, k, i, s=down, b=batch, cap=x.capacity):
+            return ops.sparse_conv(f, k, ops.build_map(i, s, b, cap))
+
+          table.add(
+            f"{name}: conv k3 s2 p1 C={c} fwd incl. map", sites, None,
+            timed("ffi", strided, features, kernel, x.indices, repeats=args.repeats),
+            timed("reference", strided, features, kernel, x.indices, repeats=1),
+            spconv=spconv.get("conv_forward"),
+          )  # fmt: skip
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(f"peak memory (max RSS of this process): {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Kernel maps ("indice pairs"): which input row feeds each output row through each kernel tap.
 
-Reference path: sites are packed into key words (``_keys``), sorted, and found by binary search;
-everything is jittable with static capacities. Every map is output-stationary: ``nbr[o, k]`` is
+Two backends (:func:`jsparse.backend`): the FFI kernels (``xla_ffi/cpu/kmap.cc``: hash tables of
+packed 64-bit site keys, threaded) and a jnp reference, in which sites are packed into int32 key
+words (``_keys``), sorted, and found by binary search. Both are jittable with static capacities
+and give identical maps. Every map is output-stationary: ``nbr[o, k]`` is
 the input row that output row ``o`` reads through tap ``k`` (row-major over the kernel), so each
 output has one writer. Its transpose ``nbr_t[i, k]`` is the output row that input ``i`` feeds
 through tap ``k``; the input gradient and inverse convolution read it.
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsparse._capacity import CapacityError, is_concrete, overflow_entry
-from jsparse.ops import _keys
+from jsparse.ops import _backend, _keys
 
 KINDS = ("subm", "conv", "transpose", "pool")
 
@@ -217,21 +219,22 @@ def _transpose(nbr: jax.Array, in_capacity: int) -> jax.Array:
   return nbr_t.at[rows, taps].set(out_rows, mode="drop")
 
 
-def output_sites(
-  indices: jax.Array, spec: MapSpec, batch_size: int, capacity: int
-) -> tuple[jax.Array, jax.Array]:
-  """The output sites of a ``conv``, ``pool`` or ``transpose`` map, sorted by (batch, coords).
+def _geometry_attrs(spec: MapSpec, batch_size: int) -> dict[str, Any]:
+  """The FFI attributes that describe ``spec`` (see ``xla_ffi/common/kmap.h``)."""
+  as_array = lambda v: np.asarray(v, np.int64)  # noqa: E731
+  return dict(
+    kernel_size=as_array(spec.kernel_size),
+    stride=as_array(spec.stride),
+    padding=as_array(spec.padding),
+    dilation=as_array(spec.dilation),
+    in_spatial_shape=as_array(spec.in_spatial_shape),
+    out_spatial_shape=as_array(spec.out_spatial_shape),
+    transpose=np.int64(spec.kind == "transpose"),
+    batch_size=np.int64(batch_size),
+  )
 
-  Args:
-    indices: int32 ``[N, 1 + ndim]`` input sites.
-    spec: the map's geometry.
-    batch_size: static batch size.
-    capacity: static number of output rows.
 
-  Returns:
-    ``(out_indices int32 [capacity, 1 + ndim], num_out int32 [])``: the first ``capacity`` sites
-    (padding rows -1) and the number of sites that exist.
-  """
+def _output_sites_reference(indices, spec, batch_size, capacity):
   q, valid = _tap_targets(spec, indices[:, 1:])
   batch = jnp.broadcast_to(indices[:, :1], valid.shape)
   valid = valid & (batch >= 0)
@@ -246,14 +249,80 @@ def output_sites(
   return out, jnp.sum(first, dtype=jnp.int32)
 
 
-def map_for_outputs(
+def _output_sites(
+  indices: jax.Array, spec: MapSpec, batch_size: int, capacity: int
+) -> tuple[jax.Array, jax.Array]:
+  """The output sites of a ``conv``, ``pool`` or ``transpose`` map, sorted by (batch, coords).
+
+  Args:
+    indices: int32 ``[N, 1 + ndim]`` input sites.
+    spec: the map's geometry.
+    batch_size: static batch size.
+    capacity: static number of output rows.
+
+  Returns:
+    ``(out_indices int32 [capacity, 1 + ndim], num_out int32 [])``: the first ``capacity`` sites
+    (padding rows -1) and the number of sites that exist.
+  """
+  outputs = (
+    jax.ShapeDtypeStruct((capacity, indices.shape[1]), jnp.int32),
+    jax.ShapeDtypeStruct((), jnp.int32),
+  )
+  ffi = jax.ffi.ffi_call("jsparse_kmap_output_sites", outputs, vmap_method="sequential")
+  return _backend.dispatch(
+    "jsparse_kmap_output_sites",
+    lambda i: ffi(i, **_geometry_attrs(spec, batch_size)),
+    lambda i: _output_sites_reference(i, spec, batch_size, capacity),
+    indices,
+  )
+
+
+output_sites = _backend.jit(_output_sites, static_argnames=("spec", "batch_size", "capacity"))
+
+
+def _map_arrays(spec, batch_size, indices, out_indices, with_transpose, symmetric):
+  """``(nbr, nbr_t)``; ``nbr_t`` is ``[0, K]`` unless ``with_transpose``. ``symmetric``: an odd
+  submanifold map whose outputs are its inputs; the FFI kernel then looks up half of the taps."""
+  k = spec.kernel_volume
+  t_rows = indices.shape[0] if with_transpose else 0
+
+  def reference(i, o):
+    nbr = _neighbors(spec, batch_size, i, o)
+    return nbr, _transpose(nbr, t_rows) if with_transpose else jnp.zeros((0, k), jnp.int32)
+
+  outputs = (
+    jax.ShapeDtypeStruct((out_indices.shape[0], k), jnp.int32),
+    jax.ShapeDtypeStruct((t_rows, k), jnp.int32),
+  )
+  ffi = jax.ffi.ffi_call("jsparse_kmap_neighbors", outputs, vmap_method="sequential")
+  return _backend.dispatch(
+    "jsparse_kmap_neighbors",
+    lambda i, o: ffi(i, o, symmetric=np.int64(symmetric), **_geometry_attrs(spec, batch_size)),
+    reference,
+    indices,
+    out_indices,
+  )
+
+
+def _map_for_outputs(
   indices: jax.Array, out_indices: jax.Array, num_out: jax.Array, spec: MapSpec, batch_size: int
 ) -> IndicePairs:
   """The kernel map from input sites ``indices [N, 1 + ndim]`` to given output sites."""
-  nbr = _neighbors(spec, batch_size, indices, out_indices)
   odd_subm = spec.kind == "subm" and all(k % 2 == 1 for k in spec.kernel_size)
-  nbr_t = None if odd_subm else _transpose(nbr, indices.shape[0])
-  return IndicePairs(nbr, nbr_t, indices, out_indices, num_out, spec, batch_size)
+  nbr, nbr_t = _map_arrays(spec, batch_size, indices, out_indices, not odd_subm, False)
+  return IndicePairs(nbr, None if odd_subm else nbr_t, indices, out_indices, num_out, spec, batch_size)
+
+
+def _subm_map(indices: jax.Array, spec: MapSpec, batch_size: int) -> IndicePairs:
+  """The submanifold map of ``spec`` over ``indices``: outputs are the input rows."""
+  odd = all(k % 2 == 1 for k in spec.kernel_size)
+  nbr, nbr_t = _map_arrays(spec, batch_size, indices, indices, not odd, odd)
+  num_out = jnp.sum(indices[:, 0] >= 0, dtype=jnp.int32)
+  return IndicePairs(nbr, None if odd else nbr_t, indices, indices, num_out, spec, batch_size)
+
+
+map_for_outputs = _backend.jit(_map_for_outputs, static_argnames=("spec", "batch_size"))
+subm_map = _backend.jit(_subm_map, static_argnames=("spec", "batch_size"))
 
 
 def build_map(
@@ -265,11 +334,10 @@ def build_map(
   others. Jittable; use :func:`kernel_map` for spconv's eager size-to-fit behaviour.
   """
   if spec.kind == "subm":
-    out_indices, num_out = indices, jnp.sum(indices[:, 0] >= 0, dtype=jnp.int32)
-  elif out_capacity is None:
+    return subm_map(indices, spec, batch_size)
+  if out_capacity is None:
     raise ValueError(f"a {spec.kind} map creates sites: pass a static out_capacity")
-  else:
-    out_indices, num_out = output_sites(indices, spec, batch_size, out_capacity)
+  out_indices, num_out = output_sites(indices, spec, batch_size, out_capacity)
   return map_for_outputs(indices, out_indices, num_out, spec, batch_size)
 
 

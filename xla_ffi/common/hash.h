@@ -29,6 +29,14 @@ JSPARSE_HD inline uint64_t MixKey64(uint64_t k) {
   return k;
 }
 
+// First slot of a packed site key in a power-of-two table (mask = slots - 1) for the kernel-map
+// builders: keys that differ only in their 3 lowest bits (neighbours along the innermost axis)
+// share an 8-slot group, one cache line of keys, so a site's taps along that axis and the next
+// site's taps mostly hit lines already loaded.
+JSPARSE_HD inline uint64_t SiteSlot(uint64_t key, uint64_t mask) {
+  return ((MixKey64(key >> 3) << 3) | (key & 7)) & mask;
+}
+
 // Linear probing: the slot after `slot` in a table of `capacity` slots.
 JSPARSE_HD inline int64_t NextSlot(int64_t slot, int64_t capacity) {
   return slot + 1 == capacity ? 0 : slot + 1;

@@ -1,0 +1,153 @@
+"""The FFI kernels against the reference path: identical kernel maps, matching convolutions.
+
+The reference path is itself checked against dense convolution in test_conv.py; here every FFI
+result must equal it (maps bitwise, convolutions to float32 rounding) for every map kind, ndim 1-4,
+dtypes, groups and gradients. Skips when the CPU extension is not built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import jsparse
+from jsparse import _ffi, ops
+from sparse_data import random_sites
+
+pytestmark = pytest.mark.skipif(not _ffi.built("cpu"), reason="the C++ extension is not built")
+
+MAX_EXTENT = {1: 16, 2: 8, 3: 6, 4: 4}
+
+
+def _both_backends(fn, *args):
+  results = []
+  for name in ("ffi", "reference"):
+    with jsparse.backend(name):
+      results.append(jax.block_until_ready(fn(*args)))
+  return results
+
+
+@st.composite
+def map_cases(draw):
+  kind = draw(st.sampled_from(["subm", "conv", "pool", "transpose"]))
+  ndim = draw(st.integers(1, 4))
+  per_axis = lambda lo, hi: tuple(draw(st.integers(lo, hi)) for _ in range(ndim))  # noqa: E731
+  shape = per_axis(2, MAX_EXTENT[ndim])
+  try:
+    spec = ops.make_spec(
+      kind, shape, per_axis(1, 4 if kind == "subm" else 3), per_axis(1, 3), per_axis(0, 2), per_axis(1, 2)
+    )
+  except ValueError:  # empty output grid
+    assume(False)
+  batch = draw(st.integers(1, 3))
+  density = draw(st.floats(0.02, 0.7))
+  return spec, batch, density, draw(st.integers(0, 4)), draw(st.integers(0, 2**16)), draw(st.booleans())
+
+
+@given(map_cases())
+def test_maps_are_identical(case):
+  spec, batch, density, padding_rows, seed, tight = case
+  rng = np.random.default_rng(seed)
+  count = max(1, int(density * batch * math.prod(spec.in_spatial_shape)))
+  sites = random_sites(rng, batch, spec.in_spatial_shape, count)
+  indices = np.concatenate([sites, np.full((padding_rows, sites.shape[1]), -1, np.int32)])
+  indices = jnp.asarray(indices[rng.permutation(len(indices))])
+  capacity = None
+  if spec.kind != "subm":
+    capacity = ops.default_capacity(spec, indices.shape[0])
+    if tight:  # fewer rows than sites: both backends keep the first ones and count the rest
+      capacity = max(1, capacity // 3)
+  ffi, reference = _both_backends(lambda i: ops.build_map(i, spec, batch, capacity), indices)
+  assert jax.tree.structure(ffi) == jax.tree.structure(reference)
+  for a, b in zip(jax.tree.leaves(ffi), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_rows_are_inactive_and_never_read():
+  """Out-of-grid or out-of-batch rows (possible under jit) neither crash nor produce pairs."""
+  idx = jnp.array([[0, 1, 1], [5, 0, 0], [0, 9, 2], [0, -3, 1], [-7, 1, 1], [0, 1, 2]], jnp.int32)
+  for kind in ("subm", "conv"):
+    spec = ops.make_spec(kind, (4, 4), 3, 1, 1)
+    with jsparse.backend("ffi"):
+      pairs = jax.jit(lambda i, s=spec: ops.build_map(i, s, 1, 8))(idx)
+    nbr = np.asarray(pairs.nbr)
+    assert nbr.min() >= -1 and nbr.max() < idx.shape[0]
+    assert not np.isin(nbr, [1, 2, 3, 4]).any()  # bad rows are never anyone's source
+
+
+CONV_TOLERANCE = {jnp.float32: 2e-6, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("kind,groups", [("subm", 1), ("conv", 2), ("transpose", 1), ("subm", 5)])
+def test_conv_and_gradients_match(dtype, kind, groups):
+  rng = np.random.default_rng(7)
+  shape, batch = (7, 6, 5), 2
+  indices = jnp.asarray(random_sites(rng, batch, shape, 120))
+  spec = ops.make_spec(kind, shape, (3, 2, 3) if kind != "subm" else 3, 2 if kind != "subm" else 1, 1)
+  c_in, c_out = 5 * groups if groups > 1 else 20, 5 * groups if groups > 1 else 36
+  features = jnp.asarray(rng.standard_normal((indices.shape[0], c_in)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((*spec.kernel_size, c_in // groups, c_out)) / c_in, dtype)
+  pairs = ops.build_map(indices, spec, batch, ops.default_capacity(spec, indices.shape[0]))
+  cotangent = jnp.asarray(rng.standard_normal((pairs.out_capacity, c_out)), dtype)
+
+  def run(f, k):
+    out, vjp = jax.vjp(lambda f, k: ops.sparse_conv(f, k, pairs, groups=groups, precision="highest"), f, k)
+    return out, *vjp(cotangent)
+
+  ffi, reference = _both_backends(jax.jit(run), features, kernel)
+  for a, b in zip(ffi, reference):
+    assert a.dtype == b.dtype == dtype
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=CONV_TOLERANCE[dtype], atol=CONV_TOLERANCE[dtype] * np.abs(b).max())
+
+
+def test_empty_and_all_padding_inputs():
+  spec = ops.make_spec("conv", (5, 5), 3, 2, 1)
+  kernel = jnp.ones((3, 3, 3, 2))
+  for indices in (jnp.zeros((0, 3), jnp.int32), jnp.full((6, 3), -1, jnp.int32)):
+    pairs, reference = _both_backends(lambda i: ops.build_map(i, spec, 1, 4), indices)
+    assert int(pairs.num_out) == 0
+    np.testing.assert_array_equal(pairs.nbr, reference.nbr)
+    features = jnp.ones((indices.shape[0], 3))
+    with jsparse.backend("ffi"):
+      out = ops.sparse_conv(features, kernel, pairs)
+      grad = jax.grad(lambda f, p=pairs: jnp.sum(ops.sparse_conv(f, kernel, p)))(features)
+    assert not np.asarray(out).any() and not np.asarray(grad).any()
+
+
+def test_handlers_reject_bad_arguments():
+  _ffi.targets("cpu")
+  features = jnp.ones((4, 3), jnp.float32)
+  nbr = jnp.zeros((4, 9), jnp.int32)
+  call = lambda shape, dtype, *args, **attrs: jax.ffi.ffi_call(  # noqa: E731
+    "jsparse_conv_gather_gemm", jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential"
+  )(*args, **attrs)
+  with pytest.raises(Exception, match="same dtype"):
+    call((4, 2), jnp.float32, features, jnp.ones((9, 3, 2), jnp.bfloat16), nbr, groups=np.int64(1))
+  with pytest.raises(Exception, match="divisible by groups"):
+    call((4, 2), jnp.float32, features, jnp.ones((9, 3, 2)), nbr, groups=np.int64(2))
+  with pytest.raises(Exception, match="nbr must be int32"):
+    call((4, 2), jnp.float32, features, jnp.ones((9, 3, 2)), nbr[:, :5], groups=np.int64(1))
+  with pytest.raises(Exception, match="float32, bfloat16 or float16"):
+    call(
+      (4, 2), jnp.int32, features.astype(jnp.int32), jnp.ones((9, 3, 2), jnp.int32), nbr, groups=np.int64(1)
+    )
+  spec = ops.make_spec("subm", (4, 4), 3)
+  attrs = ops._kmap._geometry_attrs(spec, 1)
+  neighbors = jax.ffi.ffi_call(
+    "jsparse_kmap_neighbors",
+    (jax.ShapeDtypeStruct((4, 9), jnp.int32), jax.ShapeDtypeStruct((0, 9), jnp.int32)),
+    vmap_method="sequential",
+  )
+  with pytest.raises(Exception, match=r"int32 \[N, 1 \+ ndim\]"):
+    neighbors(jnp.zeros((4, 3), jnp.float32), jnp.zeros((4, 3), jnp.int32), symmetric=np.int64(0), **attrs)
+  with pytest.raises(Exception, match="one entry per spatial dim"):
+    bad = dict(attrs, stride=np.ones(3, np.int64))
+    neighbors(jnp.zeros((4, 3), jnp.int32), jnp.zeros((4, 3), jnp.int32), symmetric=np.int64(0), **bad)

@@ -1,0 +1,336 @@
+// Kernel maps on CPU (jsparse.ops.output_sites and map_for_outputs), on open-addressing hash
+// tables of packed 64-bit site keys (common/kmap.h, common/hash.h).
+//
+// jsparse_kmap_output_sites: the sites a conv / pool / transpose map creates. Tasks over input
+//   rows insert every reachable output key into a shared insert-only table (compare-and-swap);
+//   the set is independent of scheduling, and the last task sorts it, so outputs come sorted by
+//   (batch, coords) and deduplicated. Sites past the capacity are counted in num_out, not written.
+// jsparse_kmap_neighbors: nbr[o, k], the input row that output o reads through tap k (-1 if none),
+//   and optionally its transpose nbr_t[i, k]. The input table is built first (duplicate sites map
+//   to their first row); tasks then own tiles of output rows. Odd submanifold maps are symmetric
+//   (nbr[o, k] = i iff nbr[i, K-1-k] = o), so only the first half of the taps is looked up and
+//   the rest are filled from it; where several rows could write one cell the smallest row wins,
+//   so results stay independent of scheduling.
+// Rows with a batch index outside [0, batch_size) or coordinates outside the grid are inactive:
+// they are never hashed, looked up or written through, so bad indices cannot cause an
+// out-of-bounds access.
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../common/hash.h"
+#include "../common/kmap.h"
+#include "../common/registry.h"
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jsparse {
+namespace {
+
+constexpr uint64_t kEmptyKey = ~0ull;  // packed keys stay below 2**62
+constexpr int64_t kRowsPerTask = 1024;
+
+// *cell = min(*cell, value), where -1 means empty: deterministic when several tasks may write.
+void StoreMinRow(int32_t* cell, int32_t value) {
+  int32_t seen = __atomic_load_n(cell, __ATOMIC_RELAXED);
+  while ((seen == -1 || value < seen) &&
+         !__atomic_compare_exchange_n(cell, &seen, value, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
+int64_t TableSlots(int64_t entries) {
+  int64_t slots = 16;
+  while (slots < entries + entries / 2) slots *= 2;  // load factor <= 2/3
+  return slots;
+}
+
+// Site key -> first row holding it; built once, then read concurrently.
+class SiteTable {
+ public:
+  // Inserts the rows of indices [rows, 1 + ndim] that are active sites of the input grid.
+  SiteTable(const int32_t* indices, int64_t rows, const MapGeometry& g)
+      : mask_(TableSlots(rows) - 1), keys_(mask_ + 1, kEmptyKey), values_(mask_ + 1, -1) {
+    int64_t coords[kMaxMapNdim];
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t* row = indices + r * (1 + g.ndim);
+      if (!SiteInRange(g, row, g.in_shape)) continue;
+      for (int j = 0; j < g.ndim; ++j) coords[j] = row[1 + j];
+      const uint64_t key = PackSite(row[0], coords, g.in_shape, g.ndim);
+      int64_t slot = static_cast<int64_t>(SiteSlot(key, mask_));
+      while (keys_[slot] != kEmptyKey && keys_[slot] != key) slot = (slot + 1) & mask_;
+      if (keys_[slot] == kEmptyKey) {  // a repeated site keeps its first row
+        keys_[slot] = key;
+        values_[slot] = static_cast<int32_t>(r);
+      }
+    }
+  }
+
+  uint64_t Slot(uint64_t key) const { return SiteSlot(key, mask_); }
+
+  void Prefetch(uint64_t slot) const { __builtin_prefetch(keys_.data() + slot); }
+
+  // The row holding `key` (-1 if none), probing from its Slot().
+  int32_t Find(uint64_t key, uint64_t slot) const {
+    for (;; slot = (slot + 1) & mask_) {
+      if (keys_[slot] == key) return values_[slot];
+      if (keys_[slot] == kEmptyKey) return -1;
+    }
+  }
+
+ private:
+  int64_t mask_;
+  std::vector<uint64_t> keys_;
+  std::vector<int32_t> values_;
+};
+
+// Geometry attributes common to both handlers.
+struct GeometryAttrs {
+  ffi::Span<const int64_t> kernel_size, stride, padding, dilation, in_shape, out_shape;
+  int64_t transpose, batch_size;
+};
+
+std::string Geometry(const std::string& op, const GeometryAttrs& a, MapGeometry* g) {
+  const size_t ndim = a.kernel_size.size();
+  for (const auto* span : {&a.stride, &a.padding, &a.dilation, &a.in_shape, &a.out_shape}) {
+    if (span->size() != ndim) return op + "every geometry attribute needs one entry per spatial dim";
+  }
+  return MakeMapGeometry(op, a.kernel_size.begin(), a.stride.begin(), a.padding.begin(),
+                         a.dilation.begin(), a.in_shape.begin(), a.out_shape.begin(), ndim,
+                         a.transpose != 0, a.batch_size, g);
+}
+
+std::string CheckIndices(const std::string& op, const char* name, const ffi::AnyBuffer& indices,
+                         int ndim) {
+  const auto dims = indices.dimensions();
+  if (indices.element_type() != ffi::S32 || dims.size() != 2 || dims[1] != 1 + ndim) {
+    return op + name + " must be int32 [N, 1 + ndim] = [N, " + std::to_string(1 + ndim) +
+           "] (batch index, then coordinates)";
+  }
+  if (dims[0] >= (int64_t{1} << 31)) return op + name + " has more rows than int32 row numbers reach";
+  return {};
+}
+
+// ---- jsparse_kmap_output_sites ----
+
+// Most taps of one input that can reach an output: along an axis, tap t reaches one iff
+// t * d = const (mod s), which holds for at most ceil(k / (s / gcd(d, s))) taps.
+int64_t MaxTargetsPerInput(const MapGeometry& g) {
+  if (g.transpose) return g.taps;
+  int64_t most = 1;
+  for (int j = 0; j < g.ndim; ++j) {
+    const int64_t period = g.stride[j] / std::__gcd(g.dilation[j], g.stride[j]);
+    most *= (g.kernel[j] + period - 1) / period;
+  }
+  return most;
+}
+
+ffi::Future OutputSitesImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryAttrs attrs,
+                            ffi::Result<ffi::AnyBuffer> out_indices, ffi::Result<ffi::AnyBuffer> num_out) {
+  const std::string op = "jsparse_kmap_output_sites: ";
+  MapGeometry g;
+  std::string message = Geometry(op, attrs, &g);
+  if (message.empty()) message = CheckIndices(op, "indices", indices, g.ndim);
+  if (message.empty()) message = CheckIndices(op, "out_indices", *out_indices, g.ndim);
+  if (message.empty() && (num_out->element_type() != ffi::S32 || num_out->dimensions().size() != 0)) {
+    message = op + "num_out must be an int32 scalar";
+  }
+  if (!message.empty()) return InvalidArgumentFuture(message);
+  const int64_t n = indices.dimensions()[0];
+  const int64_t capacity = out_indices->dimensions()[0];
+  const int32_t* in = indices.typed_data<int32_t>();
+  int32_t* out = out_indices->typed_data<int32_t>();
+  int32_t* count = num_out->typed_data<int32_t>();
+  double grid = static_cast<double>(g.batch_size);
+  for (int j = 0; j < g.ndim; ++j) grid *= static_cast<double>(g.out_shape[j]);
+  const int64_t bound = static_cast<int64_t>(std::min<double>(grid, static_cast<double>(n) * MaxTargetsPerInput(g)));
+  auto table = std::make_shared<std::vector<uint64_t>>(TableSlots(bound), kEmptyKey);
+  const uint64_t mask = table->size() - 1;
+  auto insert_targets = [=](auto ndim_constant) {
+    constexpr int kNdim = decltype(ndim_constant)::value;
+    return [=](int64_t task) {
+      std::vector<int64_t> axis_table(AxisTableSize(g));
+      uint64_t* slots = table->data();
+      for (int64_t r = task * kRowsPerTask; r < std::min(n, (task + 1) * kRowsPerTask); ++r) {
+        const int32_t* row = in + r * (1 + g.ndim);
+        if (!SiteInRange<kNdim>(g, row, g.in_shape)) continue;
+        AxisTargets<kNdim>(g, row + 1, axis_table.data());
+        ForEachTap<kNdim>(g, row[0], axis_table.data(), g.out_shape, [&](int64_t, uint64_t key) {
+          for (uint64_t slot = SiteSlot(key, mask);; slot = (slot + 1) & mask) {
+            uint64_t seen = __atomic_load_n(&slots[slot], __ATOMIC_RELAXED);
+            if (seen == kEmptyKey && __atomic_compare_exchange_n(&slots[slot], &seen, key, false,
+                                                                 __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+              break;
+            }
+            if (seen == key) break;  // present (possibly just inserted by another task)
+          }
+        });
+      }
+    };
+  };
+  auto finish = [=]() {
+    std::vector<uint64_t> keys;
+    for (uint64_t key : *table) {
+      if (key != kEmptyKey) keys.push_back(key);
+    }
+    std::sort(keys.begin(), keys.end());
+    const int64_t written = std::min<int64_t>(capacity, keys.size());
+    for (int64_t r = 0; r < written; ++r) UnpackSite(keys[r], g.out_shape, g.ndim, out + r * (1 + g.ndim));
+    std::fill(out + written * (1 + g.ndim), out + capacity * (1 + g.ndim), -1);
+    *count = static_cast<int32_t>(std::min<uint64_t>(keys.size(), INT32_MAX));
+  };
+  return DispatchNdim(g.ndim, [&](auto ndim_constant) {
+    return ParallelFor(pool, (n + kRowsPerTask - 1) / kRowsPerTask, insert_targets(ndim_constant), finish);
+  });
+}
+
+// ---- jsparse_kmap_neighbors ----
+
+ffi::Future NeighborsImpl(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::AnyBuffer out_indices,
+                          GeometryAttrs attrs, bool symmetric, ffi::Result<ffi::AnyBuffer> nbr,
+                          ffi::Result<ffi::AnyBuffer> nbr_t) {
+  const std::string op = "jsparse_kmap_neighbors: ";
+  MapGeometry g;
+  std::string message = Geometry(op, attrs, &g);
+  if (message.empty()) message = CheckIndices(op, "in_indices", in_indices, g.ndim);
+  if (message.empty()) message = CheckIndices(op, "out_indices", out_indices, g.ndim);
+  const int64_t n_in = in_indices.dimensions()[0];
+  const int64_t n_out = out_indices.dimensions()[0];
+  const auto nd = nbr->dimensions();
+  const auto td = nbr_t->dimensions();
+  if (message.empty() && (nbr->element_type() != ffi::S32 || nd.size() != 2 || nd[0] != n_out ||
+                          nd[1] != g.taps)) {
+    message = op + "nbr must be int32 [N_out, K] = [" + std::to_string(n_out) + ", " + std::to_string(g.taps) + "]";
+  }
+  if (message.empty() && (nbr_t->element_type() != ffi::S32 || td.size() != 2 ||
+                          (td[0] != n_in && td[0] != 0) || td[1] != g.taps)) {
+    message = op + "nbr_t must be int32 [N_in, K], or [0, K] to skip the transpose";
+  }
+  if (!message.empty()) return InvalidArgumentFuture(message);
+  if (message.empty() && symmetric && (n_in != n_out || g.transpose || g.taps % 2 == 0)) {
+    message = op + "symmetric maps need odd submanifold kernels with out_indices = in_indices";
+  }
+  if (!message.empty()) return InvalidArgumentFuture(message);
+  const bool with_transpose = td[0] == n_in && n_in > 0;
+  auto table = std::make_shared<SiteTable>(in_indices.typed_data<int32_t>(), n_in, g);
+  int32_t* forward = nbr->typed_data<int32_t>();
+  int32_t* backward = nbr_t->typed_data<int32_t>();
+  // Symmetric maps write other rows' cells, so every row is cleared before any task starts.
+  if (symmetric) std::fill(forward, forward + n_out * g.taps, -1);
+  if (with_transpose) std::fill(backward, backward + n_in * g.taps, -1);
+  const int32_t* out = out_indices.typed_data<int32_t>();
+  const int64_t center = g.taps / 2;
+  auto find_sources = [=](auto ndim_constant) {
+    constexpr int kNdim = decltype(ndim_constant)::value;
+    return [=](int64_t task) {
+      // Rows are processed in groups: all their probe slots are prefetched first, so the cache
+      // misses of a group overlap instead of following one another.
+      constexpr int64_t kGroup = 8;
+      struct Query {
+        int64_t o, t;
+        uint64_t key, slot;
+      };
+      std::vector<Query> queries(kGroup * g.taps);
+      std::vector<int64_t> axis_table(AxisTableSize(g));
+      const int64_t last = std::min(n_out, (task + 1) * kRowsPerTask);
+      for (int64_t first = task * kRowsPerTask; first < last; first += kGroup) {
+        int64_t count = 0;
+        for (int64_t o = first; o < std::min(last, first + kGroup); ++o) {
+          const int32_t* row = out + o * (1 + g.ndim);
+          if (!symmetric) std::fill(forward + o * g.taps, forward + (o + 1) * g.taps, -1);
+          if (!SiteInRange<kNdim>(g, row, g.out_shape)) continue;
+          AxisSources<kNdim>(g, row + 1, axis_table.data());
+          ForEachTap<kNdim>(g, row[0], axis_table.data(), g.in_shape, [&](int64_t t, uint64_t key) {
+            // In a symmetric map, tap t of row o is tap K - 1 - t of the row it finds: only the
+            // taps up to the centre are looked up.
+            if (symmetric && t > center) return;
+            const uint64_t slot = table->Slot(key);
+            table->Prefetch(slot);
+            queries[count++] = {o, t, key, slot};
+          });
+        }
+        for (int64_t e = 0; e < count; ++e) {
+          const Query& q = queries[e];
+          const int32_t i = table->Find(q.key, q.slot);
+          if (i < 0) continue;
+          const int32_t o = static_cast<int32_t>(q.o);
+          forward[q.o * g.taps + q.t] = i;
+          if (symmetric && q.t != center) {
+            StoreMinRow(forward + static_cast<int64_t>(i) * g.taps + (g.taps - 1 - q.t), o);
+          } else if (!symmetric && with_transpose) {
+            // (i, t) has one output unless out_indices repeats a site; then the smallest row wins.
+            StoreMinRow(backward + static_cast<int64_t>(i) * g.taps + q.t, o);
+          }
+        }
+      }
+    };
+  };
+  return DispatchNdim(g.ndim, [&](auto ndim_constant) {
+    return ParallelFor(pool, (n_out + kRowsPerTask - 1) / kRowsPerTask, find_sources(ndim_constant));
+  });
+}
+
+}  // namespace
+}  // namespace jsparse
+
+// The geometry attributes, in the order GeometryAttrs lists them.
+#define JSPARSE_MAP_GEOMETRY_ATTRS                                \
+  .Attr<ffi::Span<const int64_t>>("kernel_size")                  \
+      .Attr<ffi::Span<const int64_t>>("stride")                   \
+      .Attr<ffi::Span<const int64_t>>("padding")                  \
+      .Attr<ffi::Span<const int64_t>>("dilation")                 \
+      .Attr<ffi::Span<const int64_t>>("in_spatial_shape")         \
+      .Attr<ffi::Span<const int64_t>>("out_spatial_shape")        \
+      .Attr<int64_t>("transpose")                                 \
+      .Attr<int64_t>("batch_size")
+
+namespace jsparse {
+namespace {
+
+ffi::Future OutputSitesEntry(ffi::ThreadPool pool, ffi::AnyBuffer indices, ffi::Span<const int64_t> k,
+                             ffi::Span<const int64_t> s, ffi::Span<const int64_t> p,
+                             ffi::Span<const int64_t> d, ffi::Span<const int64_t> in_shape,
+                             ffi::Span<const int64_t> out_shape, int64_t transpose, int64_t batch_size,
+                             ffi::Result<ffi::AnyBuffer> out_indices, ffi::Result<ffi::AnyBuffer> num_out) {
+  return OutputSitesImpl(pool, indices, {k, s, p, d, in_shape, out_shape, transpose, batch_size},
+                         out_indices, num_out);
+}
+
+ffi::Future NeighborsEntry(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::AnyBuffer out_indices,
+                           ffi::Span<const int64_t> k, ffi::Span<const int64_t> s,
+                           ffi::Span<const int64_t> p, ffi::Span<const int64_t> d,
+                           ffi::Span<const int64_t> in_shape, ffi::Span<const int64_t> out_shape,
+                           int64_t transpose, int64_t batch_size, int64_t symmetric,
+                           ffi::Result<ffi::AnyBuffer> nbr, ffi::Result<ffi::AnyBuffer> nbr_t) {
+  return NeighborsImpl(pool, in_indices, out_indices, {k, s, p, d, in_shape, out_shape, transpose, batch_size},
+                       symmetric != 0, nbr, nbr_t);
+}
+
+}  // namespace
+}  // namespace jsparse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparseKmapOutputSitesCpu, jsparse::OutputSitesEntry,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()  // indices int32 [N_in, 1 + ndim]
+        JSPARSE_MAP_GEOMETRY_ATTRS
+        .Ret<ffi::AnyBuffer>()   // out_indices int32 [capacity, 1 + ndim]
+        .Ret<ffi::AnyBuffer>()); // num_out int32 []
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparseKmapNeighborsCpu, jsparse::NeighborsEntry,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()  // in_indices int32 [N_in, 1 + ndim]
+        .Arg<ffi::AnyBuffer>()  // out_indices int32 [N_out, 1 + ndim]
+        JSPARSE_MAP_GEOMETRY_ATTRS
+        .Attr<int64_t>("symmetric")  // 1: odd submanifold map, out_indices = in_indices
+        .Ret<ffi::AnyBuffer>()   // nbr int32 [N_out, K]
+        .Ret<ffi::AnyBuffer>()); // nbr_t int32 [N_in, K] or [0, K]
+
+JSPARSE_REGISTER_FFI_TARGET("jsparse_kmap_output_sites", JsparseKmapOutputSitesCpu);
+JSPARSE_REGISTER_FFI_TARGET("jsparse_kmap_neighbors", JsparseKmapNeighborsCpu);
