@@ -166,6 +166,27 @@ def test_int64_ffi_and_reference_identical_under_x64():
     _leaves_equal(results["ffi"], results["reference"])
 
 
+@needs_ffi
+def test_large_batched_query_matches_reference():
+  """Large enough for the CPU kernel to split the query over threads, with tiles that straddle
+  the tables of a vmapped batch."""
+  rng = np.random.default_rng(2)
+  stored = jnp.asarray(rng.integers(0, 4000, (3, 500)), jnp.int32)
+  probes = jnp.asarray(rng.integers(0, 4000, (3, 20000)), jnp.int32)
+
+  def build_and_query(k, q):
+    return HashTable.create(1024).insert(k, k * 7).query(q)
+
+  results = {}
+  for backend in ("ffi", "reference"):
+    with jsparse.backend(backend):
+      results[backend] = jax.jit(jax.vmap(build_and_query))(stored, probes)
+  _leaves_equal(results["ffi"], results["reference"])
+  values, found = results["ffi"]
+  assert 0 < int(found.sum()) < found.size
+  np.testing.assert_array_equal(values, np.where(found, probes * 7, 0))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_overflow_is_counted_and_check_raises(backend):
   with jsparse.backend(backend):

@@ -4,13 +4,17 @@
 // std::numeric_limits<K>::max(), and empty slots hold the value 0. Inserts run in input order,
 // one key after the other, so the layout is a pure function of the inputs; the Python reference
 // path (jsparse/ops/_hash_table.py) follows the same probe sequence and produces the same bits.
+// Queries only read the table and run in parallel on the XLA intra-op pool.
 //
 // Under vmap (vmap_method="broadcast_all") every operand gains the same leading dimensions; each
 // index into them is an independent table.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
+#include <utility>
 
 #include "../common/hash.h"
 #include "../common/registry.h"
@@ -192,19 +196,57 @@ void InsertImpl(const Operand& table_keys, ffi::AnyBuffer& keys_out, ffi::AnyBuf
   }
 }
 
+// Keys per task of a parallel query; smaller queries run inline.
+constexpr int64_t kQueryKeysPerTask = 1 << 14;
+
+// A future that is already complete, with `error` or successfully.
+ffi::Future ReadyFuture(ffi::Error error = ffi::Error::Success()) {
+  ffi::Promise promise;
+  if (error.success()) {
+    promise.SetAvailable();
+  } else {
+    promise.SetError(std::move(error));
+  }
+  return ffi::Future(promise);
+}
+
+// Queries are independent, so the flat range of (table, key) pairs is split into contiguous
+// tiles, one per task on the XLA intra-op pool; each task writes only its own outputs, so the
+// result does not depend on the number of threads.
 template <typename K, typename V>
-void QueryImpl(const Operand& table_keys, const Operand& table_values, const Operand& keys,
-               ffi::AnyBuffer& values_out, ffi::AnyBuffer& found_out) {
+ffi::Future QueryImpl(ffi::ThreadPool& pool, const Operand& table_keys, const Operand& table_values,
+                      const Operand& keys, ffi::AnyBuffer& values_out, ffi::AnyBuffer& found_out) {
   const int64_t capacity = table_keys.dimensions().back();
   const int64_t n = keys.dimensions().back();
+  const int64_t total = BatchCount(table_keys.dimensions()) * n;
   const K* tk = table_keys.reinterpret_data<K>();
   const V* tv = table_values.reinterpret_data<V>();
   const K* k = keys.reinterpret_data<K>();
   V* v = values_out.reinterpret_data<V>();
   bool* found = found_out.reinterpret_data<bool>();
-  for (int64_t b = 0, batch = BatchCount(table_keys.dimensions()); b < batch; ++b) {
-    ComputeQuery(tk + b * capacity, tv + b * capacity, capacity, k + b * n, n, v + b * n, found + b * n);
+  // Keys [begin, end) of the flat range; key j belongs to table j / n.
+  auto run = [=](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end;) {
+      const int64_t b = j / n;
+      const int64_t stop = std::min(end, (b + 1) * n);
+      ComputeQuery(tk + b * capacity, tv + b * capacity, capacity, k + j, stop - j, v + j, found + j);
+      j = stop;
+    }
+  };
+  const int64_t tasks = std::min(std::max<int64_t>(pool.num_threads(), 1),
+                                 (total + kQueryKeysPerTask - 1) / kQueryKeysPerTask);
+  if (tasks <= 1) {
+    run(0, total);
+    return ReadyFuture();
   }
+  ffi::CountDownPromise done(tasks);
+  for (int64_t t = 0; t < tasks; ++t) {
+    pool.Schedule([run, done, begin = total * t / tasks, end = total * (t + 1) / tasks]() mutable {
+      run(begin, end);
+      done.CountDown();
+    });
+  }
+  return ffi::Future(done);
 }
 
 template <typename K, typename V>
@@ -267,8 +309,8 @@ ffi::Error HashTableInsert(Operand table_keys, Operand table_values, Operand dro
   return ffi::Error::Success();
 }
 
-ffi::Error HashTableQuery(Operand table_keys, Operand table_values, Operand keys, Output values_out,
-                          Output found_out) {
+ffi::Future HashTableQuery(ffi::ThreadPool pool, Operand table_keys, Operand table_values, Operand keys,
+                           Output values_out, Output found_out) {
   const std::string op = "jsparse_hash_table_query: ";
   std::string message = ValidateTable(op, table_keys, table_values, keys);
   if (message.empty()) {
@@ -279,11 +321,13 @@ ffi::Error HashTableQuery(Operand table_keys, Operand table_values, Operand keys
                           !(found_out->dimensions() == keys.dimensions()))) {
     message = op + "the found output must be bool with the shape of keys";
   }
-  if (!message.empty()) return ffi::Error::InvalidArgument(message);
+  if (!message.empty()) return ReadyFuture(ffi::Error::InvalidArgument(message));
+  std::optional<ffi::Future> future;
   DispatchKeyValue(table_keys.element_type(), table_values.element_type(), [&](auto k, auto v) {
-    QueryImpl<decltype(k), decltype(v)>(table_keys, table_values, keys, *values_out, *found_out);
+    future.emplace(
+        QueryImpl<decltype(k), decltype(v)>(pool, table_keys, table_values, keys, *values_out, *found_out));
   });
-  return ffi::Error::Success();
+  return std::move(*future);
 }
 
 ffi::Error HashTableInsertExistKeys(Operand table_keys, Operand table_values, Operand keys,
@@ -327,6 +371,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseHashTableQueryCpu, jsparse::HashTableQuery,
     ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()     // the XLA intra-op pool (parallel over keys)
         .Arg<ffi::AnyBuffer>()      // table keys [capacity] int32 | int64
         .Arg<ffi::AnyBuffer>()      // table values [capacity] int32 | int64 | float32 | float64
         .Arg<ffi::AnyBuffer>()      // keys [N], the table's key dtype
