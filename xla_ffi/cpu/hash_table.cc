@@ -18,6 +18,7 @@
 
 #include "../common/hash.h"
 #include "../common/registry.h"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -196,19 +197,8 @@ void InsertImpl(const Operand& table_keys, ffi::AnyBuffer& keys_out, ffi::AnyBuf
   }
 }
 
-// Keys per task of a parallel query; smaller queries run inline.
+// Keys per task of a parallel query.
 constexpr int64_t kQueryKeysPerTask = 1 << 14;
-
-// A future that is already complete, with `error` or successfully.
-ffi::Future ReadyFuture(ffi::Error error = ffi::Error::Success()) {
-  ffi::Promise promise;
-  if (error.success()) {
-    promise.SetAvailable();
-  } else {
-    promise.SetError(std::move(error));
-  }
-  return ffi::Future(promise);
-}
 
 // Queries are independent, so the flat range of (table, key) pairs is split into contiguous
 // tiles, one per task on the XLA intra-op pool; each task writes only its own outputs, so the
@@ -233,20 +223,9 @@ ffi::Future QueryImpl(ffi::ThreadPool& pool, const Operand& table_keys, const Op
       j = stop;
     }
   };
-  const int64_t tasks = std::min(std::max<int64_t>(pool.num_threads(), 1),
-                                 (total + kQueryKeysPerTask - 1) / kQueryKeysPerTask);
-  if (tasks <= 1) {
-    run(0, total);
-    return ReadyFuture();
-  }
-  ffi::CountDownPromise done(tasks);
-  for (int64_t t = 0; t < tasks; ++t) {
-    pool.Schedule([run, done, begin = total * t / tasks, end = total * (t + 1) / tasks]() mutable {
-      run(begin, end);
-      done.CountDown();
-    });
-  }
-  return ffi::Future(done);
+  return ParallelFor(pool, (total + kQueryKeysPerTask - 1) / kQueryKeysPerTask, [=](int64_t task) {
+    run(task * kQueryKeysPerTask, std::min(total, (task + 1) * kQueryKeysPerTask));
+  });
 }
 
 template <typename K, typename V>
@@ -321,7 +300,7 @@ ffi::Future HashTableQuery(ffi::ThreadPool pool, Operand table_keys, Operand tab
                           !(found_out->dimensions() == keys.dimensions()))) {
     message = op + "the found output must be bool with the shape of keys";
   }
-  if (!message.empty()) return ReadyFuture(ffi::Error::InvalidArgument(message));
+  if (!message.empty()) return InvalidArgumentFuture(message);
   std::optional<ffi::Future> future;
   DispatchKeyValue(table_keys.element_type(), table_values.element_type(), [&](auto k, auto v) {
     future.emplace(
