@@ -101,8 +101,10 @@ class Table:
 
 
 def timed(backend: str, fn: Callable[..., Any], *args: Any, repeats: int) -> float:
+  # A fresh function per backend: jax.jit caches traces per function object, and the backend is
+  # read when tracing.
   with jsparse.backend(backend):
-    return best_time(jax.jit(fn), *args, repeats=repeats)
+    return best_time(jax.jit(lambda *a: fn(*a)), *args, repeats=repeats)
 
 
 def main() -> None:
@@ -115,8 +117,8 @@ def main() -> None:
   args = parser.parse_args()
   with_spconv = not args.no_spconv and _spconv.available()
   info = jsparse.build_info()
-  targets = ", ".join(sorted(info["ffi_targets"]))
-  print(f"jax {jax.__version__} on {jax.default_backend()}; FFI targets: {targets}")
+  targets = ", ".join(info["ffi_targets"]["cpu"])
+  print(f"jax {jax.__version__} on {jax.default_backend()}; CPU kernels ({info['cpu_isa']}): {targets}")
   print(f"spconv 2.3.8 (CPU, 1 thread) side by side: {'yes' if with_spconv else 'not installed'}")
   table = Table()
   print(table.header())
@@ -134,7 +136,7 @@ def main() -> None:
       active_pairs = int(jnp.sum(pairs.nbr >= 0))
       theirs = {}
       if with_spconv:
-        active = np.asarray(x.indices)[:sites]
+        active = np.array(x.indices)[:sites]
         for c in args.channels:
           theirs[c] = _spconv.measure(active, x.spatial_shape, batch, c, repeats=args.repeats)
       any_c = theirs[args.channels[0]] if theirs else {}

@@ -44,3 +44,9 @@ def targets(platform: str) -> frozenset[str]:
 def platforms_with(target: str) -> tuple[str, ...]:
   """The platforms on which ``target`` is built and registered."""
   return tuple(p for p in _EXTENSIONS if target in targets(p))
+
+
+def cpu_isa() -> str | None:
+  """The instruction set of the CPU conv micro-kernel ("avx512", "avx2", "portable"), or None."""
+  module = _extension("cpu")
+  return None if module is None else module.gemm_isa()

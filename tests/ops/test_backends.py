@@ -8,6 +8,9 @@ dtypes, groups and gradients. Skips when the CPU extension is not built.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +29,12 @@ MAX_EXTENT = {1: 16, 2: 8, 3: 6, 4: 4}
 
 
 def _both_backends(fn, *args):
+  """``fn(*args)`` jitted and run on each backend; a fresh function per backend, since jit caches
+  traces per function object and the backend is read when tracing."""
   results = []
   for name in ("ffi", "reference"):
     with jsparse.backend(name):
-      results.append(jax.block_until_ready(fn(*args)))
+      results.append(jax.block_until_ready(jax.jit(lambda *a: fn(*a))(*args)))
   return results
 
 
@@ -101,7 +106,7 @@ def test_conv_and_gradients_match(dtype, kind, groups):
     out, vjp = jax.vjp(lambda f, k: ops.sparse_conv(f, k, pairs, groups=groups, precision="highest"), f, k)
     return out, *vjp(cotangent)
 
-  ffi, reference = _both_backends(jax.jit(run), features, kernel)
+  ffi, reference = _both_backends(run, features, kernel)
   for a, b in zip(ffi, reference):
     assert a.dtype == b.dtype == dtype
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -151,3 +156,34 @@ def test_handlers_reject_bad_arguments():
   with pytest.raises(Exception, match="one entry per spatial dim"):
     bad = dict(attrs, stride=np.ones(3, np.int64))
     neighbors(jnp.zeros((4, 3), jnp.int32), jnp.zeros((4, 3), jnp.int32), symmetric=np.int64(0), **bad)
+
+
+ISA_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, jsparse
+from jsparse import ops
+rng = np.random.default_rng(0)
+flat = rng.choice(2 * 9**3, 300, replace=False)
+idx = jnp.asarray(np.stack(np.unravel_index(flat, (2, 9, 9, 9)), 1), jnp.int32)
+pairs = ops.build_map(idx, ops.make_spec("subm", (9, 9, 9), 3), 2)
+f = jnp.asarray(rng.standard_normal((300, 24)), jnp.float32)
+k = jnp.asarray(rng.standard_normal((3, 3, 3, 24, 40)) / 24, jnp.float32)
+out = {}
+for name in ("ffi", "reference"):
+  with jsparse.backend(name):
+    run = jax.jit(lambda f, k: jax.value_and_grad(lambda f, k: jnp.sum(jnp.sin(ops.sparse_conv(f, k, pairs))),
+                                                  argnums=(0, 1))(f, k))
+    value, grads = run(f, k)
+    out[name] = [np.asarray(a) for a in (value, *grads)]
+for a, b in zip(out["ffi"], out["reference"]):
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+print(jsparse.build_info()["cpu_isa"])
+"""
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_fallback_instruction_sets(isa):
+  """The portable and AVX2 micro-kernels (picked on CPUs without AVX-512) give the same results."""
+  env = dict(os.environ, JSPARSE_CPU_ISA=isa)
+  out = subprocess.run([sys.executable, "-c", ISA_SCRIPT], env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-1] in (isa, "portable")  # avx2 needs a CPU that has it

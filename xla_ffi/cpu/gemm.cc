@@ -1,6 +1,9 @@
 // Instantiates gemm_rows.inc for each instruction set and dispatches to the best one the CPU has.
 #include "gemm.h"
 
+#include <cstdlib>
+#include <string>
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define JSPARSE_GEMM_X86 1
 #endif
@@ -36,10 +39,15 @@ namespace {
 
 enum class Isa { kAvx512, kAvx2, kPortable };
 
+// The best instruction set the CPU has; JSPARSE_CPU_ISA=avx512|avx2|portable asks for a lower
+// one (for testing the fallbacks), never for one the CPU lacks.
 Isa DetectIsa() {
+  const char* requested = std::getenv("JSPARSE_CPU_ISA");
+  const std::string limit = requested == nullptr ? "avx512" : requested;
+  if (limit == "portable") return Isa::kPortable;
 #ifdef JSPARSE_GEMM_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+  if (limit == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("fma")) {
     return Isa::kAvx512;
   }
@@ -51,6 +59,14 @@ Isa DetectIsa() {
 const Isa kIsa = DetectIsa();
 
 }  // namespace
+
+const char* GemmIsa() {
+  switch (kIsa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
 
 int64_t GemmLanes() {
   switch (kIsa) {

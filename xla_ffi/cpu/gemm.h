@@ -14,6 +14,9 @@ namespace jsparse {
 // Rows per micro-kernel call; callers pad A with zero rows and point C's spare rows at scratch.
 inline constexpr int kGemmRows = 8;
 
+// The instruction set in use: "avx512", "avx2" or "portable".
+const char* GemmIsa();
+
 // Columns of B and C are processed in vectors of GemmLanes() floats; `cols` must be a multiple
 // of it (callers zero-pad B).
 int64_t GemmLanes();

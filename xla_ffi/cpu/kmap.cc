@@ -6,11 +6,11 @@
 //   the set is independent of scheduling, and the last task sorts it, so outputs come sorted by
 //   (batch, coords) and deduplicated. Sites past the capacity are counted in num_out, not written.
 // jsparse_kmap_neighbors: nbr[o, k], the input row that output o reads through tap k (-1 if none),
-//   and optionally its transpose nbr_t[i, k]. The input table is built first (duplicate sites map
-//   to their first row); tasks then own tiles of output rows. Odd submanifold maps are symmetric
-//   (nbr[o, k] = i iff nbr[i, K-1-k] = o), so only the first half of the taps is looked up and
-//   the rest are filled from it; where several rows could write one cell the smallest row wins,
-//   so results stay independent of scheduling.
+//   and optionally its transpose nbr_t[i, k]. Odd submanifold maps are symmetric (nbr[o, k] = i
+//   iff nbr[i, K-1-k] = o): a table of the sites, and each row looks up half of its taps. Other
+//   maps scatter: a table of the outputs, and each input looks up the outputs it reaches. Where
+//   several rows could write one cell (only if sites repeat) the smallest row wins, so results
+//   stay independent of scheduling.
 // Rows with a batch index outside [0, batch_size) or coordinates outside the grid are inactive:
 // they are never hashed, looked up or written through, so bad indices cannot cause an
 // out-of-bounds access.
@@ -51,15 +51,15 @@ int64_t TableSlots(int64_t entries) {
 // Site key -> first row holding it; built once, then read concurrently.
 class SiteTable {
  public:
-  // Inserts the rows of indices [rows, 1 + ndim] that are active sites of the input grid.
-  SiteTable(const int32_t* indices, int64_t rows, const MapGeometry& g)
+  // Inserts the rows of indices [rows, 1 + ndim] that are active sites of the grid `shape`.
+  SiteTable(const int32_t* indices, int64_t rows, const MapGeometry& g, const int64_t* shape)
       : mask_(TableSlots(rows) - 1), keys_(mask_ + 1, kEmptyKey), values_(mask_ + 1, -1) {
     int64_t coords[kMaxMapNdim];
     for (int64_t r = 0; r < rows; ++r) {
       const int32_t* row = indices + r * (1 + g.ndim);
-      if (!SiteInRange(g, row, g.in_shape)) continue;
+      if (!SiteInRange(g, row, shape)) continue;
       for (int j = 0; j < g.ndim; ++j) coords[j] = row[1 + j];
-      const uint64_t key = PackSite(row[0], coords, g.in_shape, g.ndim);
+      const uint64_t key = PackSite(row[0], coords, shape, g.ndim);
       int64_t slot = static_cast<int64_t>(SiteSlot(key, mask_));
       while (keys_[slot] != kEmptyKey && keys_[slot] != key) slot = (slot + 1) & mask_;
       if (keys_[slot] == kEmptyKey) {  // a repeated site keeps its first row
@@ -189,6 +189,96 @@ ffi::Future OutputSitesImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, Geomet
 
 // ---- jsparse_kmap_neighbors ----
 
+// Probes are issued in groups: all slots of a group are prefetched first, so the cache misses of
+// a group overlap instead of following one another.
+struct Probe {
+  int64_t row, tap;
+  uint64_t key, slot;
+};
+constexpr int64_t kProbeGroup = 8;  // rows per group
+
+// Odd submanifold map (outputs = inputs): tap t of row o is tap K - 1 - t of the row it finds,
+// so each row looks up the taps up to the centre and writes both cells. nbr must be all -1.
+ffi::Future SymmetricNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, const int32_t* sites, int64_t n,
+                               int32_t* nbr) {
+  auto table = std::make_shared<SiteTable>(sites, n, g, g.in_shape);
+  const int64_t center = g.taps / 2;
+  auto find = [=](auto ndim_constant) {
+    constexpr int kNdim = decltype(ndim_constant)::value;
+    return [=](int64_t task) {
+      std::vector<Probe> probes(kProbeGroup * g.taps);
+      std::vector<int64_t> axis_table(AxisTableSize(g));
+      const int64_t last = std::min(n, (task + 1) * kRowsPerTask);
+      for (int64_t first = task * kRowsPerTask; first < last; first += kProbeGroup) {
+        int64_t count = 0;
+        for (int64_t o = first; o < std::min(last, first + kProbeGroup); ++o) {
+          const int32_t* row = sites + o * (1 + g.ndim);
+          if (!SiteInRange<kNdim>(g, row, g.in_shape)) continue;
+          AxisSources<kNdim>(g, row + 1, axis_table.data());
+          ForEachTap<kNdim>(g, row[0], axis_table.data(), g.in_shape, [&](int64_t t, uint64_t key) {
+            if (t > center) return;
+            const uint64_t slot = table->Slot(key);
+            table->Prefetch(slot);
+            probes[count++] = {o, t, key, slot};
+          });
+        }
+        for (int64_t e = 0; e < count; ++e) {
+          const Probe& q = probes[e];
+          const int32_t i = table->Find(q.key, q.slot);
+          if (i < 0) continue;
+          nbr[q.row * g.taps + q.tap] = i;
+          // Several rows write one cell only if sites repeat; then the smallest row wins.
+          if (q.tap != center) StoreMinRow(nbr + int64_t{i} * g.taps + (g.taps - 1 - q.tap), int32_t(q.row));
+        }
+      }
+    };
+  };
+  return DispatchNdim(g.ndim, [&](auto ndim_constant) {
+    return ParallelFor(pool, (n + kRowsPerTask - 1) / kRowsPerTask, find(ndim_constant));
+  });
+}
+
+// Any map: each input row finds the output rows its taps reach in a table of the outputs and
+// writes nbr[o, t] = i (and nbr_t[i, t] = o). An input reaches at most prod(ceil(k / s)) outputs
+// of a strided map, far fewer than the K taps each output would look up. nbr and nbr_t must be
+// all -1; nbr_t may be null.
+ffi::Future ScatterNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, const int32_t* in, int64_t n_in,
+                             const int32_t* out, int64_t n_out, int32_t* nbr, int32_t* nbr_t) {
+  auto table = std::make_shared<SiteTable>(out, n_out, g, g.out_shape);
+  auto scatter = [=](auto ndim_constant) {
+    constexpr int kNdim = decltype(ndim_constant)::value;
+    return [=](int64_t task) {
+      std::vector<Probe> probes(kProbeGroup * g.taps);
+      std::vector<int64_t> axis_table(AxisTableSize(g));
+      const int64_t last = std::min(n_in, (task + 1) * kRowsPerTask);
+      for (int64_t first = task * kRowsPerTask; first < last; first += kProbeGroup) {
+        int64_t count = 0;
+        for (int64_t i = first; i < std::min(last, first + kProbeGroup); ++i) {
+          const int32_t* row = in + i * (1 + g.ndim);
+          if (!SiteInRange<kNdim>(g, row, g.in_shape)) continue;
+          AxisTargets<kNdim>(g, row + 1, axis_table.data());
+          ForEachTap<kNdim>(g, row[0], axis_table.data(), g.out_shape, [&](int64_t t, uint64_t key) {
+            const uint64_t slot = table->Slot(key);
+            table->Prefetch(slot);
+            probes[count++] = {i, t, key, slot};
+          });
+        }
+        for (int64_t e = 0; e < count; ++e) {
+          const Probe& q = probes[e];
+          const int32_t o = table->Find(q.key, q.slot);
+          if (o < 0) continue;  // not among the outputs (e.g. beyond the capacity)
+          // Several inputs reach one (o, t) only if input sites repeat; then the smallest row wins.
+          StoreMinRow(nbr + int64_t{o} * g.taps + q.tap, int32_t(q.row));
+          if (nbr_t != nullptr) nbr_t[q.row * g.taps + q.tap] = o;
+        }
+      }
+    };
+  };
+  return DispatchNdim(g.ndim, [&](auto ndim_constant) {
+    return ParallelFor(pool, (n_in + kRowsPerTask - 1) / kRowsPerTask, scatter(ndim_constant));
+  });
+}
+
 ffi::Future NeighborsImpl(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::AnyBuffer out_indices,
                           GeometryAttrs attrs, bool symmetric, ffi::Result<ffi::AnyBuffer> nbr,
                           ffi::Result<ffi::AnyBuffer> nbr_t) {
@@ -215,62 +305,14 @@ ffi::Future NeighborsImpl(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::
   }
   if (!message.empty()) return InvalidArgumentFuture(message);
   const bool with_transpose = td[0] == n_in && n_in > 0;
-  auto table = std::make_shared<SiteTable>(in_indices.typed_data<int32_t>(), n_in, g);
   int32_t* forward = nbr->typed_data<int32_t>();
   int32_t* backward = nbr_t->typed_data<int32_t>();
-  // Symmetric maps write other rows' cells, so every row is cleared before any task starts.
-  if (symmetric) std::fill(forward, forward + n_out * g.taps, -1);
+  // Tasks write other rows' cells, so every row is cleared before any task starts.
+  std::fill(forward, forward + n_out * g.taps, -1);
   if (with_transpose) std::fill(backward, backward + n_in * g.taps, -1);
-  const int32_t* out = out_indices.typed_data<int32_t>();
-  const int64_t center = g.taps / 2;
-  auto find_sources = [=](auto ndim_constant) {
-    constexpr int kNdim = decltype(ndim_constant)::value;
-    return [=](int64_t task) {
-      // Rows are processed in groups: all their probe slots are prefetched first, so the cache
-      // misses of a group overlap instead of following one another.
-      constexpr int64_t kGroup = 8;
-      struct Query {
-        int64_t o, t;
-        uint64_t key, slot;
-      };
-      std::vector<Query> queries(kGroup * g.taps);
-      std::vector<int64_t> axis_table(AxisTableSize(g));
-      const int64_t last = std::min(n_out, (task + 1) * kRowsPerTask);
-      for (int64_t first = task * kRowsPerTask; first < last; first += kGroup) {
-        int64_t count = 0;
-        for (int64_t o = first; o < std::min(last, first + kGroup); ++o) {
-          const int32_t* row = out + o * (1 + g.ndim);
-          if (!symmetric) std::fill(forward + o * g.taps, forward + (o + 1) * g.taps, -1);
-          if (!SiteInRange<kNdim>(g, row, g.out_shape)) continue;
-          AxisSources<kNdim>(g, row + 1, axis_table.data());
-          ForEachTap<kNdim>(g, row[0], axis_table.data(), g.in_shape, [&](int64_t t, uint64_t key) {
-            // In a symmetric map, tap t of row o is tap K - 1 - t of the row it finds: only the
-            // taps up to the centre are looked up.
-            if (symmetric && t > center) return;
-            const uint64_t slot = table->Slot(key);
-            table->Prefetch(slot);
-            queries[count++] = {o, t, key, slot};
-          });
-        }
-        for (int64_t e = 0; e < count; ++e) {
-          const Query& q = queries[e];
-          const int32_t i = table->Find(q.key, q.slot);
-          if (i < 0) continue;
-          const int32_t o = static_cast<int32_t>(q.o);
-          forward[q.o * g.taps + q.t] = i;
-          if (symmetric && q.t != center) {
-            StoreMinRow(forward + static_cast<int64_t>(i) * g.taps + (g.taps - 1 - q.t), o);
-          } else if (!symmetric && with_transpose) {
-            // (i, t) has one output unless out_indices repeats a site; then the smallest row wins.
-            StoreMinRow(backward + static_cast<int64_t>(i) * g.taps + q.t, o);
-          }
-        }
-      }
-    };
-  };
-  return DispatchNdim(g.ndim, [&](auto ndim_constant) {
-    return ParallelFor(pool, (n_out + kRowsPerTask - 1) / kRowsPerTask, find_sources(ndim_constant));
-  });
+  if (symmetric) return SymmetricNeighbors(pool, g, in_indices.typed_data<int32_t>(), n_in, forward);
+  return ScatterNeighbors(pool, g, in_indices.typed_data<int32_t>(), n_in, out_indices.typed_data<int32_t>(),
+                          n_out, forward, with_transpose ? backward : nullptr);
 }
 
 }  // namespace

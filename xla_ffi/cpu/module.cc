@@ -1,7 +1,11 @@
 // nanobind module jsparse._ffi_cpu: exposes the CPU FFI handlers as PyCapsules.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <string>
 
 #include "../common/registry.h"
+#include "gemm.h"
 
 namespace nb = nanobind;
 
@@ -13,4 +17,6 @@ NB_MODULE(_ffi_cpu, m) {
     for (const auto& [name, handler] : jsparse::FfiTargets()) d[name.c_str()] = nb::capsule(handler);
     return d;
   });
+  // The instruction set of the conv micro-kernel ("avx512", "avx2" or "portable").
+  m.def("gemm_isa", []() { return std::string(jsparse::GemmIsa()); });
 }
