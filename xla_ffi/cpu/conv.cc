@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../common/registry.h"
@@ -71,6 +72,16 @@ std::string ValidateConvArgs(const std::string& op, const ffi::AnyBuffer& featur
   }
   *dims = {f[0], n[0], kernel_dims[0], groups, kernel_dims[1], kernel_dims[2] / groups};
   return {};
+}
+
+// fn(static_cast<T*>(nullptr)) with T the storage type of a (validated) feature dtype.
+template <typename Fn>
+auto DispatchFeatureType(ffi::DataType type, Fn&& fn) {
+  switch (type) {
+    case ffi::F32: return fn(static_cast<float*>(nullptr));
+    case ffi::BF16: return fn(static_cast<BFloat16*>(nullptr));
+    default: return fn(static_cast<Float16*>(nullptr));
+  }
 }
 
 // Row `i` of features, or nullptr when the map has no input there (-1, or out of range).
@@ -161,20 +172,12 @@ ffi::Future GatherGemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::A
               std::to_string(d.c_out()) + "] in the features' dtype";
   }
   if (!message.empty()) return InvalidArgumentFuture(message);
-  const int32_t* rows = nbr.typed_data<int32_t>();
-  switch (features.element_type()) {
-    case ffi::F32:
-      return GatherGemm(pool, features.typed_data<float>(), kernel.typed_data<float>(), rows, d,
-                        out->typed_data<float>());
-    case ffi::BF16:
-      return GatherGemm(pool, static_cast<const BFloat16*>(features.untyped_data()),
-                        static_cast<const BFloat16*>(kernel.untyped_data()), rows, d,
-                        static_cast<BFloat16*>(out->untyped_data()));
-    default:
-      return GatherGemm(pool, static_cast<const Float16*>(features.untyped_data()),
-                        static_cast<const Float16*>(kernel.untyped_data()), rows, d,
-                        static_cast<Float16*>(out->untyped_data()));
-  }
+  return DispatchFeatureType(features.element_type(), [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return GatherGemm(pool, static_cast<const T*>(features.untyped_data()),
+                      static_cast<const T*>(kernel.untyped_data()), nbr.typed_data<int32_t>(), d,
+                      static_cast<T*>(out->untyped_data()));
+  });
 }
 
 // ---- jsparse_conv_weight_grad ----
@@ -277,20 +280,12 @@ ffi::Future WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::A
               std::to_string(d.c_out()) + "] in the features' dtype, got shape " + Shape(y);
   }
   if (!message.empty()) return InvalidArgumentFuture(message);
-  const int32_t* rows = nbr.typed_data<int32_t>();
-  switch (features.element_type()) {
-    case ffi::F32:
-      return WeightGrad(pool, features.typed_data<float>(), d_out.typed_data<float>(), rows, d,
-                        d_kernel->typed_data<float>());
-    case ffi::BF16:
-      return WeightGrad(pool, static_cast<const BFloat16*>(features.untyped_data()),
-                        static_cast<const BFloat16*>(d_out.untyped_data()), rows, d,
-                        static_cast<BFloat16*>(d_kernel->untyped_data()));
-    default:
-      return WeightGrad(pool, static_cast<const Float16*>(features.untyped_data()),
-                        static_cast<const Float16*>(d_out.untyped_data()), rows, d,
-                        static_cast<Float16*>(d_kernel->untyped_data()));
-  }
+  return DispatchFeatureType(features.element_type(), [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return WeightGrad(pool, static_cast<const T*>(features.untyped_data()),
+                      static_cast<const T*>(d_out.untyped_data()), nbr.typed_data<int32_t>(), d,
+                      static_cast<T*>(d_kernel->untyped_data()));
+  });
 }
 
 }  // namespace
