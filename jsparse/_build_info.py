@@ -23,7 +23,7 @@ def build_info() -> dict[str, Any]:
     ``jaxlib_version``, ``jax_platform``.
 
   >>> sorted(build_info())[:3]
-  ['backend', 'cpu_ffi', 'cuda_ffi']
+  ['backend', 'cpu_ffi', 'cpu_isa']
   """
   targets = {platform: sorted(_ffi.targets(platform)) for platform in ("cpu", "cuda")}
   return {

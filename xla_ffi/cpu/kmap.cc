@@ -15,9 +15,11 @@
 // they are never hashed, looked up or written through, so bad indices cannot cause an
 // out-of-bounds access.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../common/hash.h"
@@ -116,6 +118,23 @@ std::string CheckIndices(const std::string& op, const char* name, const ffi::Any
 
 // ---- jsparse_kmap_output_sites ----
 
+// Sorts keys below `key_range` ascending: least-significant-digit radix sort, 11 bits a pass, as
+// many passes as the range needs (3 for grids up to 2**33 sites).
+void RadixSort(std::vector<uint64_t>& keys, double key_range) {
+  constexpr int kBits = 11;
+  constexpr uint64_t kBuckets = uint64_t{1} << kBits;
+  std::vector<uint64_t> buffer(keys.size());
+  std::vector<int64_t> offsets(kBuckets);
+  for (int shift = 0; shift < 64 && std::ldexp(1.0, shift) < key_range; shift += kBits) {
+    std::fill(offsets.begin(), offsets.end(), 0);
+    for (uint64_t key : keys) ++offsets[(key >> shift) & (kBuckets - 1)];
+    int64_t total = 0;
+    for (int64_t& offset : offsets) total += std::exchange(offset, total);
+    for (uint64_t key : keys) buffer[offsets[(key >> shift) & (kBuckets - 1)]++] = key;
+    keys.swap(buffer);
+  }
+}
+
 // Most taps of one input that can reach an output: along an axis, tap t reaches one iff
 // t * d = const (mod s), which holds for at most ceil(k / (s / gcd(d, s))) taps.
 int64_t MaxTargetsPerInput(const MapGeometry& g) {
@@ -171,12 +190,14 @@ ffi::Future OutputSitesImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, Geomet
       }
     };
   };
+  double key_range = static_cast<double>(g.batch_size);
+  for (int j = 0; j < g.ndim; ++j) key_range *= static_cast<double>(g.out_shape[j]);
   auto finish = [=]() {
     std::vector<uint64_t> keys;
     for (uint64_t key : *table) {
       if (key != kEmptyKey) keys.push_back(key);
     }
-    std::sort(keys.begin(), keys.end());
+    RadixSort(keys, key_range);
     const int64_t written = std::min<int64_t>(capacity, keys.size());
     for (int64_t r = 0; r < written; ++r) UnpackSite(keys[r], g.out_shape, g.ndim, out + r * (1 + g.ndim));
     std::fill(out + written * (1 + g.ndim), out + capacity * (1 + g.ndim), -1);

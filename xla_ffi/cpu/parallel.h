@@ -3,6 +3,11 @@
 // Handlers return an ffi::Future instead of waiting, so no pool worker ever blocks on a latch.
 // Tasks are claimed dynamically, but every task writes only its own outputs, so results do not
 // depend on which thread ran which task or on the number of threads.
+//
+// One parallel phase per handler call: the ffi::ThreadPool refers to the call's execution
+// context, which does not outlive the handler's return, so a task must not schedule more work.
+// Serial work goes before the phase (in the handler) or after it (`finish`); an algorithm with
+// two parallel phases is two FFI calls.
 #pragma once
 
 #include <algorithm>
