@@ -187,3 +187,26 @@ def test_fallback_instruction_sets(isa):
   out = subprocess.run([sys.executable, "-c", ISA_SCRIPT], env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split()[-1] in (isa, "portable")  # avx2 needs a CPU that has it
+
+
+def test_vmap_over_features_and_maps():
+  rng = np.random.default_rng(11)
+  spec = ops.make_spec("conv", (6, 6), 3, 2, 1)
+  indices = jnp.stack([jnp.asarray(random_sites(rng, 1, (6, 6), 14)) for _ in range(3)])
+  features = jnp.asarray(rng.standard_normal((3, 14, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+
+  def one(i, f):
+    pairs = ops.build_map(i, spec, 1, 16)
+    return ops.sparse_conv(f, kernel, pairs), jax.grad(
+      lambda f: jnp.sum(ops.sparse_conv(f, kernel, pairs) ** 2)
+    )(f)
+
+  batched = jax.vmap(one)
+  ffi, reference = _both_backends(batched, indices, features)
+  for a, b in zip(ffi, reference):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for s in range(3):  # each vmapped slice equals the unbatched call
+    with jsparse.backend("ffi"):
+      single = one(indices[s], features[s])
+    np.testing.assert_allclose(ffi[0][s], single[0], rtol=1e-6, atol=1e-6)

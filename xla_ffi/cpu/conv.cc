@@ -194,7 +194,9 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
   const int64_t range = std::max<int64_t>(4096, (d.n_out + 15) / 16);
   const int64_t num_ranges = (d.n_out + range - 1) / range;
   const int64_t partial_size = a_pad * ldc;
-  auto partials = std::make_shared<std::vector<float>>(num_ranges * d.taps * partial_size);
+  // Left uninitialized: a task clears the partials it uses (most (range, tap) pairs of a large
+  // map are used, and clearing them all up front would be a serial pass over megabytes).
+  std::shared_ptr<float[]> partials(new float[num_ranges * d.taps * partial_size]);
   auto used = std::make_shared<std::vector<char>>(num_ranges * d.taps, 0);
   auto body = [=](int64_t task) {
     const int64_t first = task * range;
@@ -215,7 +217,7 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
     for (int64_t k = 0; k < d.taps; ++k) {
       if (pairs[k].empty()) continue;
       (*used)[task * d.taps + k] = 1;
-      float* partial = partials->data() + (task * d.taps + k) * partial_size;
+      float* partial = partials.get() + (task * d.taps + k) * partial_size;
       std::fill_n(partial, partial_size, 0.0f);
       for (size_t begin = 0; begin < pairs[k].size(); begin += kChunk) {
         const int64_t len = std::min<int64_t>(kChunk, pairs[k].size() - begin);
@@ -253,7 +255,7 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
       std::fill(sum.begin(), sum.end(), 0.0f);
       for (int64_t t = 0; t < num_ranges; ++t) {
         if (!(*used)[t * d.taps + k]) continue;
-        const float* partial = partials->data() + (t * d.taps + k) * partial_size;
+        const float* partial = partials.get() + (t * d.taps + k) * partial_size;
         for (int64_t e = 0; e < partial_size; ++e) sum[e] += partial[e];
       }
       for (int64_t c = 0; c < d.a; ++c) {
