@@ -71,8 +71,10 @@ def _weight_grad_reference(features, d_out, nbr, groups, precision) -> jax.Array
   return lax.scan(tap_grad, None, nbr.T)[1]
 
 
-def _gather_gemm(features, kernel, nbr, groups, precision) -> jax.Array:
-  """``[M, C_out]`` in ``features.dtype``: sum over taps of ``features[nbr[:, k]] @ kernel[k]``.
+def _gather_gemm(features, kernel, nbr, groups, precision, reverse_taps=False) -> jax.Array:
+  """``[M, C_out]`` in ``features.dtype``: sum over taps of ``features[nbr[:, k]] @ kernel[k]``,
+  reading ``nbr[:, K - 1 - k]`` instead when ``reverse_taps`` (the transpose of an odd
+  submanifold map, without materializing it).
 
   The FFI kernel always multiplies in full float32 (``precision`` only affects the reference).
   """
@@ -80,8 +82,10 @@ def _gather_gemm(features, kernel, nbr, groups, precision) -> jax.Array:
   ffi = jax.ffi.ffi_call("jsparse_conv_gather_gemm", out, vmap_method="sequential")
   return _backend.dispatch(
     "jsparse_conv_gather_gemm",
-    lambda x, w, rows: ffi(x, w, rows, groups=np.int64(groups)),
-    lambda x, w, rows: _gather_matmul(x, w, rows, groups, precision).astype(x.dtype),
+    lambda x, w, rows: ffi(x, w, rows, groups=np.int64(groups), reverse_taps=np.int64(reverse_taps)),
+    lambda x, w, rows: _gather_matmul(
+      x, w, rows[:, ::-1] if reverse_taps else rows, groups, precision
+    ).astype(x.dtype),
     features,
     kernel,
     nbr,
@@ -113,7 +117,11 @@ def _conv_fwd(features, kernel, nbr, nbr_t, groups, precision):
 
 def _conv_bwd(groups, precision, residuals, d_out):
   features, kernel, nbr, nbr_t = residuals
-  d_features = _gather_gemm(d_out, _transpose_kernel(kernel, groups), nbr_t, groups, precision)
+  d_kernel_t = _transpose_kernel(kernel, groups)
+  if nbr_t is None:  # odd submanifold map: the transpose is nbr with its taps reversed
+    d_features = _gather_gemm(d_out, d_kernel_t, nbr, groups, precision, reverse_taps=True)
+  else:
+    d_features = _gather_gemm(d_out, d_kernel_t, nbr_t, groups, precision)
   d_kernel = _weight_grad(features, d_out, nbr, groups, precision, kernel.shape)
   return d_features, d_kernel, None, None
 
@@ -179,7 +187,7 @@ def sparse_conv(
 
 def _sparse_conv_impl(features, kernel, pairs, bias, groups, precision):
   kernel_flat = kernel.reshape(pairs.spec.kernel_volume, *kernel.shape[-2:])
-  out = _conv(features, kernel_flat, pairs.nbr, pairs.transpose_nbr, groups, precision)
+  out = _conv(features, kernel_flat, pairs.nbr, pairs.nbr_t, groups, precision)
   active = (pairs.out_indices[:, 0] >= 0)[:, None]
   if bias is not None:
     out = out + bias.astype(out.dtype)[None, :]

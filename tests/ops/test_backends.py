@@ -133,7 +133,7 @@ def test_handlers_reject_bad_arguments():
   nbr = jnp.zeros((4, 9), jnp.int32)
   call = lambda shape, dtype, *args, **attrs: jax.ffi.ffi_call(  # noqa: E731
     "jsparse_conv_gather_gemm", jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential"
-  )(*args, **attrs)
+  )(*args, reverse_taps=np.int64(0), **attrs)
   with pytest.raises(Exception, match="same dtype"):
     call((4, 2), jnp.float32, features, jnp.ones((9, 3, 2), jnp.bfloat16), nbr, groups=np.int64(1))
   with pytest.raises(Exception, match="divisible by groups"):

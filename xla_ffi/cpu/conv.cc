@@ -1,7 +1,8 @@
 // Sparse convolution on CPU: fused gather-GEMM-scatter over a kernel map (jsparse.ops.sparse_conv).
 //
 // jsparse_conv_gather_gemm: out[o] = sum_k features[nbr[o, k]] @ kernel[k] (per group), used for
-//   the forward pass and, with the transposed map and kernel, for the input gradient. Each task
+//   the forward pass and, with the transposed map and kernel, for the input gradient (for odd
+//   submanifold maps the transposed map is nbr read with reversed taps). Each task
 //   owns a tile of output rows and accumulates them in float32 over the taps in order, so no two
 //   threads write the same row and results do not depend on the thread count.
 // jsparse_conv_weight_grad: d_kernel[k] = sum_o features[nbr[o, k]]^T d_out[o] (per group). Each
@@ -110,7 +111,9 @@ std::vector<float> PackKernel(const T* kernel, const ConvDims& d, int64_t b_pad)
 
 template <typename T>
 ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel, const int32_t* nbr,
-                       const ConvDims& d, T* out) {
+                       bool reverse_taps, const ConvDims& d, T* out) {
+  // Tap k reads column k of nbr, or column K - 1 - k (the transpose of an odd submanifold map).
+  auto tap_column = [=](int64_t k) { return reverse_taps ? d.taps - 1 - k : k; };
   const int64_t b_pad = RoundUp(d.b, GemmLanes());
   const int64_t ldc = d.groups * b_pad;
   // Tiles of up to 512 rows keep the float32 accumulators near 64 KiB, and large enough that a
@@ -125,9 +128,31 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
     std::vector<float> a(kGemmRows * d.c_in());
     float* spare = acc.data() + rows * ldc;
     float* c_rows[kGemmRows];
+    std::vector<int64_t> valid(rows);  // tile rows with an input at the current tap
+    std::vector<const T*> inputs(rows);
     for (int64_t k = 0; k < d.taps; ++k) {
-      int filled = 0;
-      auto flush = [&] {
+      int64_t count = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* x = InputRow(features, d.n_in, d.c_in(), nbr[(first + r) * d.taps + tap_column(k)]);
+        if (x == nullptr) continue;
+        valid[count] = r;
+        inputs[count++] = x;
+      }
+      // Gathered rows are scattered over the features: prefetch a few blocks ahead so that their
+      // cache misses overlap with the multiplications.
+      constexpr int64_t kPrefetchAhead = 2 * kGemmRows;
+      for (int64_t e = 0; e < std::min(count, kPrefetchAhead); ++e) __builtin_prefetch(inputs[e]);
+      for (int64_t begin = 0; begin < count; begin += kGemmRows) {
+        const int filled = static_cast<int>(std::min<int64_t>(kGemmRows, count - begin));
+        for (int64_t e = begin + kPrefetchAhead; e < std::min(count, begin + kPrefetchAhead + kGemmRows); ++e) {
+          __builtin_prefetch(inputs[e]);
+        }
+        for (int r = 0; r < filled; ++r) {
+          const T* x = inputs[begin + r];
+          float* dst = a.data() + r * d.c_in();
+          for (int64_t c = 0; c < d.c_in(); ++c) dst[c] = ToFloat(x[c]);
+          c_rows[r] = acc.data() + valid[begin + r] * ldc;
+        }
         for (int r = filled; r < kGemmRows; ++r) {
           std::fill_n(a.data() + r * d.c_in(), d.c_in(), 0.0f);
           c_rows[r] = spare;
@@ -136,17 +161,7 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
           const float* w = packed->data() + (k * d.groups + g) * d.a * b_pad;
           GemmRows(a.data() + g * d.a, d.c_in(), 1, d.a, w, b_pad, b_pad, c_rows, g * b_pad);
         }
-        filled = 0;
-      };
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* x = InputRow(features, d.n_in, d.c_in(), nbr[(first + r) * d.taps + k]);
-        if (x == nullptr) continue;
-        float* dst = a.data() + filled * d.c_in();
-        for (int64_t c = 0; c < d.c_in(); ++c) dst[c] = ToFloat(x[c]);
-        c_rows[filled++] = acc.data() + r * ldc;
-        if (filled == kGemmRows) flush();
       }
-      if (filled > 0) flush();
     }
     for (int64_t r = 0; r < rows; ++r) {
       T* dst = out + (first + r) * d.c_out();
@@ -160,7 +175,8 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
 }
 
 ffi::Future GatherGemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::AnyBuffer kernel,
-                           ffi::AnyBuffer nbr, int64_t groups, ffi::Result<ffi::AnyBuffer> out) {
+                           ffi::AnyBuffer nbr, int64_t groups, int64_t reverse_taps,
+                           ffi::Result<ffi::AnyBuffer> out) {
   const std::string op = "jsparse_conv_gather_gemm: ";
   ConvDims d;
   std::string message = ValidateConvArgs(op, features, kernel.dimensions(), kernel.element_type(),
@@ -175,8 +191,8 @@ ffi::Future GatherGemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::A
   return DispatchFeatureType(features.element_type(), [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     return GatherGemm(pool, static_cast<const T*>(features.untyped_data()),
-                      static_cast<const T*>(kernel.untyped_data()), nbr.typed_data<int32_t>(), d,
-                      static_cast<T*>(out->untyped_data()));
+                      static_cast<const T*>(kernel.untyped_data()), nbr.typed_data<int32_t>(),
+                      reverse_taps != 0, d, static_cast<T*>(out->untyped_data()));
   });
 }
 
@@ -222,6 +238,11 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
       for (size_t begin = 0; begin < pairs[k].size(); begin += kChunk) {
         const int64_t len = std::min<int64_t>(kChunk, pairs[k].size() - begin);
         for (int64_t p = 0; p < len; ++p) {
+          if (begin + p + 16 < pairs[k].size()) {  // the gathered rows are scattered: prefetch ahead
+            const auto [o_next, i_next] = pairs[k][begin + p + 16];
+            __builtin_prefetch(features + i_next * d.c_in());
+            __builtin_prefetch(d_out + o_next * d.c_out());
+          }
           const auto [o, i] = pairs[k][begin + p];
           const T* xs = features + i * d.c_in();
           for (int64_t c = 0; c < d.c_in(); ++c) x[p * d.c_in() + c] = ToFloat(xs[c]);
@@ -301,6 +322,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::AnyBuffer>()       // kernel [K, C_in // groups, C_out]
         .Arg<ffi::AnyBuffer>()       // nbr int32 [N_out, K]
         .Attr<int64_t>("groups")     // channel groups
+        .Attr<int64_t>("reverse_taps")  // 1: tap k reads nbr[:, K - 1 - k]
         .Ret<ffi::AnyBuffer>());     // out [N_out, C_out]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
