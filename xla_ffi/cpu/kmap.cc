@@ -118,6 +118,40 @@ std::string CheckIndices(const std::string& op, const char* name, const ffi::Any
 
 // ---- jsparse_kmap_output_sites ----
 
+// n / d for n < 2**52: a float reciprocal gives the quotient to within one, then one correction;
+// several times cheaper than 64-bit integer division, which dominated unpacking.
+struct Divider {
+  explicit Divider(int64_t divisor) : d(static_cast<uint64_t>(divisor)), inverse(1.0 / divisor) {}
+  uint64_t Quotient(uint64_t n) const {
+    uint64_t q = static_cast<uint64_t>(static_cast<double>(n) * inverse);
+    if (q * d > n) --q;
+    if ((q + 1) * d <= n) ++q;
+    return q;
+  }
+  uint64_t d;
+  double inverse;
+};
+
+// rows[r] = (batch, coords) of keys[r] over the output grid.
+void UnpackSites(const uint64_t* keys, int64_t n, const MapGeometry& g, double key_range, int32_t* rows) {
+  if (key_range >= 4.5e15) {  // beyond 2**52: exact integer division
+    for (int64_t r = 0; r < n; ++r) UnpackSite(keys[r], g.out_shape, g.ndim, rows + r * (1 + g.ndim));
+    return;
+  }
+  std::vector<Divider> dividers;
+  for (int j = 0; j < g.ndim; ++j) dividers.emplace_back(g.out_shape[j]);
+  for (int64_t r = 0; r < n; ++r) {
+    uint64_t key = keys[r];
+    int32_t* row = rows + r * (1 + g.ndim);
+    for (int j = g.ndim - 1; j >= 0; --j) {
+      const uint64_t q = dividers[j].Quotient(key);
+      row[1 + j] = static_cast<int32_t>(key - q * dividers[j].d);
+      key = q;
+    }
+    row[0] = static_cast<int32_t>(key);
+  }
+}
+
 // Sorts keys below `key_range` ascending: least-significant-digit radix sort, 11 bits a pass, as
 // many passes as the range needs (3 for grids up to 2**33 sites).
 void RadixSort(std::vector<uint64_t>& keys, double key_range) {
@@ -199,7 +233,7 @@ ffi::Future OutputSitesImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, Geomet
     }
     RadixSort(keys, key_range);
     const int64_t written = std::min<int64_t>(capacity, keys.size());
-    for (int64_t r = 0; r < written; ++r) UnpackSite(keys[r], g.out_shape, g.ndim, out + r * (1 + g.ndim));
+    UnpackSites(keys.data(), written, g, key_range, out);
     std::fill(out + written * (1 + g.ndim), out + capacity * (1 + g.ndim), -1);
     *count = static_cast<int32_t>(std::min<uint64_t>(keys.size(), INT32_MAX));
   };
@@ -261,8 +295,8 @@ ffi::Future SymmetricNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, cons
 
 // Any map: each input row finds the output rows its taps reach in a table of the outputs and
 // writes nbr[o, t] = i (and nbr_t[i, t] = o). An input reaches at most prod(ceil(k / s)) outputs
-// of a strided map, far fewer than the K taps each output would look up. nbr and nbr_t must be
-// all -1; nbr_t may be null.
+// of a strided map, far fewer than the K taps each output would look up. nbr must be all -1;
+// nbr_t (may be null) is cleared row by row by the task that owns the row.
 ffi::Future ScatterNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, const int32_t* in, int64_t n_in,
                              const int32_t* out, int64_t n_out, int32_t* nbr, int32_t* nbr_t) {
   auto table = std::make_shared<SiteTable>(out, n_out, g, g.out_shape);
@@ -276,6 +310,7 @@ ffi::Future ScatterNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, const 
         int64_t count = 0;
         for (int64_t i = first; i < std::min(last, first + kProbeGroup); ++i) {
           const int32_t* row = in + i * (1 + g.ndim);
+          if (nbr_t != nullptr) std::fill(nbr_t + i * g.taps, nbr_t + (i + 1) * g.taps, -1);  // row i is ours
           if (!SiteInRange<kNdim>(g, row, g.in_shape)) continue;
           AxisTargets<kNdim>(g, row + 1, axis_table.data());
           ForEachTap<kNdim>(g, row[0], axis_table.data(), g.out_shape, [&](int64_t t, uint64_t key) {
@@ -330,7 +365,6 @@ ffi::Future NeighborsImpl(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::
   int32_t* backward = nbr_t->typed_data<int32_t>();
   // Tasks write other rows' cells, so every row is cleared before any task starts.
   std::fill(forward, forward + n_out * g.taps, -1);
-  if (with_transpose) std::fill(backward, backward + n_in * g.taps, -1);
   if (symmetric) return SymmetricNeighbors(pool, g, in_indices.typed_data<int32_t>(), n_in, forward);
   return ScatterNeighbors(pool, g, in_indices.typed_data<int32_t>(), n_in, out_indices.typed_data<int32_t>(),
                           n_out, forward, with_transpose ? backward : nullptr);
