@@ -147,8 +147,9 @@ def sparse_conv(
     pairs: the kernel map.
     bias: optional ``[C_out]``, added at active output rows only.
     groups: number of channel groups (``C_in`` and ``C_out`` divisible by it).
-    precision: matmul precision, as for ``lax.conv`` (``None``: the platform default, which is
-      TF32 for float32 on recent NVIDIA GPUs; ``lax.Precision.HIGHEST`` for full float32).
+    precision: matmul precision of the reference path, as for ``lax.conv`` (``None``: the
+      platform default, which is TF32 for float32 on recent NVIDIA GPUs; ``lax.Precision.HIGHEST``
+      for full float32). The CPU FFI kernels always multiply and accumulate in full float32.
 
   Returns:
     ``[capacity_out, C_out]`` in ``features.dtype`` (float32 accumulation); padding rows are 0.
