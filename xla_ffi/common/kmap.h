@@ -51,19 +51,33 @@ JSPARSE_HD inline int64_t AxisTableSize(const MapGeometry& g) {
 
 // Per axis j and tap index t along it, the coordinate that output coords `q` read (sources) or
 // that input coords `p` reach (targets), or -1 when there is none or it leaves the grid. Axis j's
-// entries start at the sum of the earlier kernel sizes. Divisions happen once per axis and tap
-// index here rather than once per tap.
+// entries start at the sum of the earlier kernel sizes. Divisions happen once per axis here
+// rather than once per tap.
+// table[t] = (n0 - t * step) / stride where that is exact, non-negative and below `limit`, else -1,
+// for t < count: one division for the whole axis instead of one per tap.
+JSPARSE_HD inline void DividedTaps(int64_t n0, int64_t step, int64_t stride, int64_t count, int64_t limit,
+                                   int64_t* table) {
+  if (n0 < 0) {
+    for (int64_t t = 0; t < count; ++t) table[t] = -1;
+    return;
+  }
+  int64_t quotient = n0 / stride, remainder = n0 - quotient * stride;
+  for (int64_t t = 0; t < count; ++t) {
+    table[t] = remainder == 0 && quotient >= 0 && quotient < limit ? quotient : -1;
+    for (remainder -= step; remainder < 0; remainder += stride) --quotient;  // next numerator
+  }
+}
+
 template <int kNdim = 0>
 JSPARSE_HD inline void AxisSources(const MapGeometry& g, const int32_t* q, int64_t* table) {
   for (int j = 0; j < Ndim<kNdim>(g); ++j) {
+    if (g.transpose) {
+      DividedTaps(q[j] + g.padding[j], g.dilation[j], g.stride[j], g.kernel[j], g.in_shape[j], table);
+      table += g.kernel[j];
+      continue;
+    }
     for (int64_t t = 0; t < g.kernel[j]; ++t) {
-      int64_t p;
-      if (g.transpose) {
-        const int64_t numerator = q[j] + g.padding[j] - t * g.dilation[j];
-        p = numerator >= 0 && numerator % g.stride[j] == 0 ? numerator / g.stride[j] : -1;
-      } else {
-        p = q[j] * g.stride[j] - g.padding[j] + t * g.dilation[j];
-      }
+      const int64_t p = q[j] * g.stride[j] - g.padding[j] + t * g.dilation[j];
       *table++ = p >= 0 && p < g.in_shape[j] ? p : -1;
     }
   }
@@ -72,14 +86,13 @@ JSPARSE_HD inline void AxisSources(const MapGeometry& g, const int32_t* q, int64
 template <int kNdim = 0>
 JSPARSE_HD inline void AxisTargets(const MapGeometry& g, const int32_t* p, int64_t* table) {
   for (int j = 0; j < Ndim<kNdim>(g); ++j) {
+    if (!g.transpose) {
+      DividedTaps(p[j] + g.padding[j], g.dilation[j], g.stride[j], g.kernel[j], g.out_shape[j], table);
+      table += g.kernel[j];
+      continue;
+    }
     for (int64_t t = 0; t < g.kernel[j]; ++t) {
-      int64_t q;
-      if (g.transpose) {
-        q = p[j] * g.stride[j] - g.padding[j] + t * g.dilation[j];
-      } else {
-        const int64_t numerator = p[j] + g.padding[j] - t * g.dilation[j];
-        q = numerator >= 0 && numerator % g.stride[j] == 0 ? numerator / g.stride[j] : -1;
-      }
+      const int64_t q = p[j] * g.stride[j] - g.padding[j] + t * g.dilation[j];
       *table++ = q >= 0 && q < g.out_shape[j] ? q : -1;
     }
   }
