@@ -307,10 +307,14 @@ def _map_arrays(spec, batch_size, indices, out_indices, with_transpose, symmetri
 def _map_for_outputs(
   indices: jax.Array, out_indices: jax.Array, num_out: jax.Array, spec: MapSpec, batch_size: int
 ) -> IndicePairs:
-  """The kernel map from input sites ``indices [N, 1 + ndim]`` to given output sites."""
-  odd_subm = spec.kind == "subm" and all(k % 2 == 1 for k in spec.kernel_size)
-  nbr, nbr_t = _map_arrays(spec, batch_size, indices, out_indices, not odd_subm, False)
-  return IndicePairs(nbr, None if odd_subm else nbr_t, indices, out_indices, num_out, spec, batch_size)
+  """The kernel map from input sites ``indices [N, 1 + ndim]`` to given output sites.
+
+  ``nbr_t`` is always stored: with arbitrary outputs, even an odd submanifold map is not ``nbr``
+  with its taps reversed (only :func:`build_map`'s submanifold maps, whose outputs are the inputs,
+  can drop it).
+  """
+  nbr, nbr_t = _map_arrays(spec, batch_size, indices, out_indices, True, False)
+  return IndicePairs(nbr, nbr_t, indices, out_indices, num_out, spec, batch_size)
 
 
 def _subm_map(indices: jax.Array, spec: MapSpec, batch_size: int) -> IndicePairs:

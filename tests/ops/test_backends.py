@@ -210,3 +210,18 @@ def test_vmap_over_features_and_maps():
     with jsparse.backend("ffi"):
       single = one(indices[s], features[s])
     np.testing.assert_allclose(ffi[0][s], single[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["ffi", "reference"])
+def test_submanifold_map_for_other_outputs_stores_its_transpose(backend):
+  """With outputs other than the inputs, nbr_t is not nbr with reversed taps: it must be stored."""
+  rng = np.random.default_rng(5)
+  spec = ops.make_spec("subm", (6, 6, 6), 3)
+  indices = jnp.asarray(random_sites(rng, 1, (6, 6, 6), 60))
+  outputs = indices[::2]
+  with jsparse.backend(backend):
+    pairs = ops.map_for_outputs(indices, outputs, jnp.int32(outputs.shape[0]), spec, 1)
+  nbr, nbr_t = np.asarray(pairs.nbr), np.asarray(pairs.transpose_nbr)
+  assert nbr_t.shape == (indices.shape[0], 27) and (nbr >= 0).sum() == (nbr_t >= 0).sum() > 0
+  for o, k in zip(*np.nonzero(nbr >= 0)):
+    assert nbr_t[nbr[o, k], k] == o

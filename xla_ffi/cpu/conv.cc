@@ -228,7 +228,7 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
     constexpr int64_t kChunk = 256;  // pairs gathered at a time
     std::vector<float> x(kChunk * d.c_in());
     std::vector<float> dy(kChunk * ldc, 0.0f);
-    std::vector<float> zeros(d.c_in(), 0.0f);
+    std::vector<float> tail(kGemmRows * kChunk);  // the last channel block, zero-padded
     float* c_rows[kGemmRows];
     for (int64_t k = 0; k < d.taps; ++k) {
       if (pairs[k].empty()) continue;
@@ -259,7 +259,7 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
               GemmRows(x.data() + g * d.a + r0, 1, d.c_in(), len, dy.data() + g * b_pad, ldc, b_pad,
                        c_rows, g * b_pad);
             } else {
-              std::vector<float> tail(kGemmRows * len, 0.0f);  // [kGemmRows, len], zero-padded
+              std::fill(tail.begin(), tail.end(), 0.0f);  // [kGemmRows, len]
               for (int64_t r = 0; r0 + r < d.a; ++r) {
                 for (int64_t p = 0; p < len; ++p) tail[r * len + p] = x[p * d.c_in() + g * d.a + r0 + r];
               }
