@@ -1,4 +1,4 @@
-"""Flax NNX layers with spconv's names: convolutions, and SparseSequential to chain them."""
+"""Flax NNX layers with spconv's names: convolutions, pools, and SparseSequential to chain them."""
 
 from jsparse.nn._conv import SparseConv as SparseConv
 from jsparse.nn._conv import SparseConv1d as SparseConv1d
@@ -21,6 +21,18 @@ from jsparse.nn._conv import SubMConv1d as SubMConv1d
 from jsparse.nn._conv import SubMConv2d as SubMConv2d
 from jsparse.nn._conv import SubMConv3d as SubMConv3d
 from jsparse.nn._conv import SubMConv4d as SubMConv4d
+from jsparse.nn._pool import SparseAvgPool as SparseAvgPool
+from jsparse.nn._pool import SparseAvgPool1d as SparseAvgPool1d
+from jsparse.nn._pool import SparseAvgPool2d as SparseAvgPool2d
+from jsparse.nn._pool import SparseAvgPool3d as SparseAvgPool3d
+from jsparse.nn._pool import SparseAvgPool4d as SparseAvgPool4d
+from jsparse.nn._pool import SparseGlobalAvgPool as SparseGlobalAvgPool
+from jsparse.nn._pool import SparseGlobalMaxPool as SparseGlobalMaxPool
+from jsparse.nn._pool import SparseMaxPool as SparseMaxPool
+from jsparse.nn._pool import SparseMaxPool1d as SparseMaxPool1d
+from jsparse.nn._pool import SparseMaxPool2d as SparseMaxPool2d
+from jsparse.nn._pool import SparseMaxPool3d as SparseMaxPool3d
+from jsparse.nn._pool import SparseMaxPool4d as SparseMaxPool4d
 from jsparse.nn._sequential import SparseSequential as SparseSequential
 from jsparse.nn._sequential import ToDense as ToDense
 from jsparse.nn._sequential import apply_to_features as apply_to_features

@@ -17,3 +17,7 @@ from jsparse.ops._kmap import make_spec as make_spec
 from jsparse.ops._kmap import map_for_outputs as map_for_outputs
 from jsparse.ops._kmap import ntuple as ntuple
 from jsparse.ops._kmap import output_sites as output_sites
+from jsparse.ops._pool import global_avg_pool as global_avg_pool
+from jsparse.ops._pool import global_max_pool as global_max_pool
+from jsparse.ops._pool import sparse_avg_pool as sparse_avg_pool
+from jsparse.ops._pool import sparse_max_pool as sparse_max_pool

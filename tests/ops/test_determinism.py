@@ -1,4 +1,4 @@
-"""Maps, outputs and gradients are bitwise identical across runs and across CPU thread settings,
+"""Maps, conv and pool outputs and gradients are bitwise identical across runs and across CPU thread settings,
 on the FFI kernels (threaded on the XLA pool) and on the reference path."""
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ for spec, capacity in specs:
       features.astype(dtype), kernel)
     for a in (*aux, *grads):
       digest.update(np.asarray(a).tobytes())
+pool_pairs = ops.build_map(idx, ops.make_spec("pool", (24,) * 3, 3, 2, 1), 2, 8000)
+for pool in (ops.sparse_max_pool, ops.sparse_avg_pool):
+  out, grad = jax.jit(jax.value_and_grad(lambda f: jnp.sum(jnp.sin(pool(f, pool_pairs)))))(features)
+  digest.update(np.asarray(out).tobytes() + np.asarray(grad).tobytes())
 print(digest.hexdigest())
 """
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common/registry.h"
+#include "features.h"
 #include "float_convert.h"
 #include "gemm.h"
 #include "parallel.h"
@@ -26,16 +27,6 @@ namespace ffi = xla::ffi;
 
 namespace jsparse {
 namespace {
-
-bool IsFeatureType(ffi::DataType t) {
-  return t == ffi::F32 || t == ffi::BF16 || t == ffi::F16;
-}
-
-std::string Shape(ffi::AnyBuffer::Dimensions dims) {
-  std::string s = "[";
-  for (size_t d = 0; d < dims.size(); ++d) s += (d ? ", " : "") + std::to_string(dims[d]);
-  return s + "]";
-}
 
 // The channel layout shared by both handlers: C_in = groups * a, C_out = groups * b.
 struct ConvDims {
@@ -73,16 +64,6 @@ std::string ValidateConvArgs(const std::string& op, const ffi::AnyBuffer& featur
   }
   *dims = {f[0], n[0], kernel_dims[0], groups, kernel_dims[1], kernel_dims[2] / groups};
   return {};
-}
-
-// fn(static_cast<T*>(nullptr)) with T the storage type of a (validated) feature dtype.
-template <typename Fn>
-auto DispatchFeatureType(ffi::DataType type, Fn&& fn) {
-  switch (type) {
-    case ffi::F32: return fn(static_cast<float*>(nullptr));
-    case ffi::BF16: return fn(static_cast<BFloat16*>(nullptr));
-    default: return fn(static_cast<Float16*>(nullptr));
-  }
 }
 
 // Row `i` of features, or nullptr when the map has no input there (-1, or out of range).

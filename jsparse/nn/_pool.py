@@ -1,0 +1,137 @@
+"""Pooling layers with spconv's names: max and average over a kernel window, and global pools."""
+
+from __future__ import annotations
+
+import jax
+
+from jsparse import ops
+from jsparse.nn._conv import IntOrSeq, SparseModule, fixed_ndim
+from jsparse.tensor import SparseConvTensor
+
+
+def _check_tensor(x: object, ndim: int | None, label: str) -> None:
+  if not isinstance(x, SparseConvTensor):
+    raise TypeError(f"{label} expects a SparseConvTensor, got {type(x).__name__}")
+  if ndim is not None and x.ndim != ndim:
+    raise ValueError(f"{label} expects {ndim} spatial dims, got a tensor over {x.spatial_shape}")
+
+
+class _Pool(SparseModule):
+  """A window pool: the active set of a ``SparseConv`` with the same geometry, one map per layer."""
+
+  _pool = staticmethod(ops.sparse_max_pool)
+
+  def __init__(
+    self,
+    num_spatial_dims: int,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq | None = None,
+    padding: IntOrSeq = 0,
+    dilation: IntOrSeq = 1,
+    indice_key: str | None = None,
+    *,
+    out_capacity: int | None = None,
+  ):
+    self.num_spatial_dims = num_spatial_dims
+    self.kernel_size = ops.ntuple(kernel_size, num_spatial_dims, "kernel_size")
+    self.stride = self.kernel_size if stride is None else ops.ntuple(stride, num_spatial_dims, "stride")
+    self.padding = ops.ntuple(padding, num_spatial_dims, "padding")
+    self.dilation = ops.ntuple(dilation, num_spatial_dims, "dilation")
+    self.indice_key = indice_key
+    self.out_capacity = out_capacity
+
+  def _label(self) -> str:
+    key = "" if self.indice_key is None else f", indice_key={self.indice_key!r}"
+    return (
+      f"{type(self).__name__}(k={self.kernel_size}, s={self.stride}, p={self.padding}, "
+      f"d={self.dilation}{key})"
+    )
+
+  def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
+    """Pools ``x``: features ``[capacity_in, C]`` -> ``[capacity_out, C]``."""
+    _check_tensor(x, self.num_spatial_dims, self._label())
+    spec = ops.make_spec("pool", x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
+    pairs, indice_dict, overflow = ops.kernel_map(x, spec, self.indice_key, self.out_capacity, self._label())
+    return x.replace(
+      features=type(self)._pool(x.features, pairs),
+      indices=pairs.out_indices,
+      spatial_shape=spec.out_spatial_shape,
+      indice_dict=indice_dict,
+      overflow=overflow,
+    )
+
+
+_POOL_ARGS = """
+  An output site is active iff the window reaches an active input, as for ``SparseConv`` with the
+  same geometry; rows are sorted by (batch, coords). The map is stored under ``indice_key``, so a
+  ``SparseInverseConv`` with that key maps back to the input sites.
+
+  Args:
+    num_spatial_dims: 1 to 4 (the ``SparseMaxPool3d``-style aliases fix it).
+    kernel_size: int or one int per axis.
+    stride: int or per axis; ``None`` (the default) means ``kernel_size``.
+    padding: int or per axis.
+    dilation: int or per axis.
+    indice_key: stores the map in the output's ``indice_dict`` under this key (or reuses it).
+    out_capacity: static output row count (see :func:`jsparse.check_capacity`); eagerly ``None``
+      sizes the output to fit, under jit it defaults to the input capacity.
+"""
+
+
+class SparseMaxPool(_Pool):
+  __doc__ = (
+    """Max pooling: the true maximum over each window's active inputs (spconv clamps at 0).
+
+  The gradient goes to one input per output and channel: the first kernel tap, in row-major
+  kernel order, that holds the maximum.
+"""
+    + _POOL_ARGS
+    + """
+  >>> import numpy as np, jsparse
+  >>> x = jsparse.SparseConvTensor(-np.ones((2, 3), np.float32),
+  ...     np.array([[0, 0, 0], [0, 3, 3]], np.int32), (4, 4), 1)
+  >>> y = jsparse.nn.SparseMaxPool2d(2)(x)
+  >>> y.spatial_shape, y.to_numpy()[0].tolist()
+  ((2, 2), [[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+"""
+  )
+  _pool = staticmethod(ops.sparse_max_pool)
+
+
+class SparseAvgPool(_Pool):
+  __doc__ = (
+    """Average pooling: the mean over each window's active inputs (not over the kernel volume).
+"""
+    + _POOL_ARGS
+  )
+  _pool = staticmethod(ops.sparse_avg_pool)
+
+
+class SparseGlobalMaxPool(SparseModule):
+  """Per-sample max over the active sites: ``[capacity, C]`` -> dense ``[batch_size, C]``.
+
+  A sample without active sites gives 0. The gradient goes to the lowest active row that holds
+  the maximum.
+  """
+
+  def __call__(self, x: SparseConvTensor) -> jax.Array:
+    _check_tensor(x, None, type(self).__name__)
+    return ops.global_max_pool(x.features, x.indices, x.batch_size)
+
+
+class SparseGlobalAvgPool(SparseModule):
+  """Per-sample mean over the active sites: ``[capacity, C]`` -> dense ``[batch_size, C]`` (0 if empty)."""
+
+  def __call__(self, x: SparseConvTensor) -> jax.Array:
+    _check_tensor(x, None, type(self).__name__)
+    return ops.global_avg_pool(x.features, x.indices, x.batch_size)
+
+
+SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d = (
+  fixed_ndim(SparseMaxPool, n, f"{n}-D :class:`SparseMaxPool` (arguments as it, without num_spatial_dims).")
+  for n in (1, 2, 3, 4)
+)
+SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgPool4d = (
+  fixed_ndim(SparseAvgPool, n, f"{n}-D :class:`SparseAvgPool` (arguments as it, without num_spatial_dims).")
+  for n in (1, 2, 3, 4)
+)

@@ -1,0 +1,272 @@
+// Sparse pooling on CPU over a kernel map (jsparse.ops.sparse_max_pool / sparse_avg_pool).
+//
+// jsparse_pool_max: out[o, c] = max over the active taps k of x[nbr[o, k], c]; arg[o, c] is the
+//   first tap (in kernel order) that holds the maximum, so ties resolve the same way everywhere.
+// jsparse_pool_max_grad: dx[i, c] = sum over taps k of dy[o, c] where o = nbr_t[i, k] and
+//   arg[o, c] == k: the gradient reaches exactly one input per (output, channel).
+// jsparse_pool_avg: out[o] = (sum over the active taps of x[nbr[o, k]]) / counts[o].
+// jsparse_pool_avg_grad: dx[i] = sum over taps k of scaled[o] where o = nbr_t[i, k] and
+//   scaled = d_out / counts in float32, computed by the caller.
+// Every handler is output-stationary: a task owns a tile of output rows and visits the taps in
+// order with float32 accumulators, so results do not depend on the thread count. The jnp
+// reference in jsparse/ops/_pool.py performs the same float32 operations in the same order.
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../common/registry.h"
+#include "features.h"
+#include "float_convert.h"
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jsparse {
+namespace {
+
+constexpr int64_t kTileRows = 256;
+
+int64_t NumTiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
+
+// Checks that `x` is a feature buffer [rows, C] and `map` an int32 [map_rows, K] kernel map.
+std::string CheckRowsAndMap(const std::string& op, const char* x_name, const ffi::AnyBuffer& x,
+                            const char* map_name, const ffi::AnyBuffer& map) {
+  if (!IsFeatureType(x.element_type())) return op + x_name + " must be float32, bfloat16 or float16";
+  if (x.dimensions().size() != 2) return op + x_name + " must be [N, C], got shape " + Shape(x.dimensions());
+  if (map.element_type() != ffi::S32 || map.dimensions().size() != 2) {
+    return op + map_name + " must be an int32 kernel map [N, K], got shape " + Shape(map.dimensions());
+  }
+  return {};
+}
+
+// Checks that `buffer` has `type` and dimensions [rows, cols].
+std::string CheckMatrix(const std::string& op, const char* name, const ffi::AnyBuffer& buffer,
+                        ffi::DataType type, int64_t rows, int64_t cols) {
+  const auto dims = buffer.dimensions();
+  if (buffer.element_type() != type || dims.size() != 2 || dims[0] != rows || dims[1] != cols) {
+    return op + name + " must be [" + std::to_string(rows) + ", " + std::to_string(cols) +
+           "] with the expected dtype, got shape " + Shape(dims);
+  }
+  return {};
+}
+
+// Checks counts int32 [rows].
+std::string CheckCounts(const std::string& op, const ffi::AnyBuffer& counts, int64_t rows) {
+  const auto dims = counts.dimensions();
+  if (counts.element_type() != ffi::S32 || dims.size() != 1 || dims[0] != rows) {
+    return op + "counts must be int32 [" + std::to_string(rows) + "] (active taps per output row)";
+  }
+  return {};
+}
+
+// ---- jsparse_pool_max ----
+
+template <typename T>
+ffi::Future PoolMax(ffi::ThreadPool& pool, const T* x, int64_t n_in, int64_t channels,
+                    const int32_t* nbr, int64_t n_out, int64_t taps, T* out, int32_t* arg) {
+  auto body = [=](int64_t task) {
+    const int64_t first = task * kTileRows;
+    const int64_t last = std::min(n_out, first + kTileRows);
+    std::vector<float> best(channels);
+    for (int64_t o = first; o < last; ++o) {
+      int32_t* arg_row = arg + o * channels;
+      std::fill_n(arg_row, channels, -1);
+      for (int64_t k = 0; k < taps; ++k) {
+        const int32_t i = nbr[o * taps + k];
+        if (i < 0 || i >= n_in) continue;
+        const T* row = x + i * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          const float v = ToFloat(row[c]);
+          if (arg_row[c] < 0 || v > best[c]) {  // strictly greater: the first maximum wins
+            best[c] = v;
+            arg_row[c] = static_cast<int32_t>(k);
+          }
+        }
+      }
+      for (int64_t c = 0; c < channels; ++c) {
+        out[o * channels + c] = FromFloat<T>(arg_row[c] < 0 ? 0.0f : best[c]);
+      }
+    }
+  };
+  return ParallelFor(pool, NumTiles(n_out), body);
+}
+
+ffi::Future PoolMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer nbr,
+                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> arg) {
+  const std::string op = "jsparse_pool_max: ";
+  std::string message = CheckRowsAndMap(op, "features", x, "nbr", nbr);
+  const int64_t n_out = nbr.dimensions()[0];
+  const int64_t channels = x.dimensions().size() == 2 ? x.dimensions()[1] : 0;
+  if (message.empty()) message = CheckMatrix(op, "out", *out, x.element_type(), n_out, channels);
+  if (message.empty()) message = CheckMatrix(op, "arg", *arg, ffi::S32, n_out, channels);
+  if (!message.empty()) return InvalidArgumentFuture(message);
+  return DispatchFeatureType(x.element_type(), [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return PoolMax(pool, static_cast<const T*>(x.untyped_data()), x.dimensions()[0], channels,
+                   nbr.typed_data<int32_t>(), n_out, nbr.dimensions()[1],
+                   static_cast<T*>(out->untyped_data()), arg->typed_data<int32_t>());
+  });
+}
+
+// ---- jsparse_pool_max_grad ----
+
+template <typename T>
+ffi::Future PoolMaxGrad(ffi::ThreadPool& pool, const T* dy, const int32_t* arg, int64_t n_out,
+                        int64_t channels, const int32_t* nbr_t, int64_t n_in, int64_t taps, T* dx) {
+  auto body = [=](int64_t task) {
+    const int64_t first = task * kTileRows;
+    const int64_t last = std::min(n_in, first + kTileRows);
+    std::vector<float> acc(channels);
+    for (int64_t i = first; i < last; ++i) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k = 0; k < taps; ++k) {
+        const int32_t o = nbr_t[i * taps + k];
+        if (o < 0 || o >= n_out) continue;
+        const T* dy_row = dy + o * channels;
+        const int32_t* arg_row = arg + o * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          if (arg_row[c] == k) acc[c] += ToFloat(dy_row[c]);
+        }
+      }
+      for (int64_t c = 0; c < channels; ++c) dx[i * channels + c] = FromFloat<T>(acc[c]);
+    }
+  };
+  return ParallelFor(pool, NumTiles(n_in), body);
+}
+
+ffi::Future PoolMaxGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer arg,
+                            ffi::AnyBuffer nbr_t, ffi::Result<ffi::AnyBuffer> dx) {
+  const std::string op = "jsparse_pool_max_grad: ";
+  std::string message = CheckRowsAndMap(op, "d_out", dy, "nbr_t", nbr_t);
+  const int64_t n_out = dy.dimensions().size() == 2 ? dy.dimensions()[0] : 0;
+  const int64_t channels = dy.dimensions().size() == 2 ? dy.dimensions()[1] : 0;
+  const int64_t n_in = nbr_t.dimensions()[0];
+  if (message.empty()) message = CheckMatrix(op, "arg", arg, ffi::S32, n_out, channels);
+  if (message.empty()) message = CheckMatrix(op, "d_features", *dx, dy.element_type(), n_in, channels);
+  if (!message.empty()) return InvalidArgumentFuture(message);
+  return DispatchFeatureType(dy.element_type(), [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return PoolMaxGrad(pool, static_cast<const T*>(dy.untyped_data()), arg.typed_data<int32_t>(),
+                       n_out, channels, nbr_t.typed_data<int32_t>(), n_in, nbr_t.dimensions()[1],
+                       static_cast<T*>(dx->untyped_data()));
+  });
+}
+
+// ---- jsparse_pool_avg and jsparse_pool_avg_grad ----
+
+// out[r] = sum over taps of x[map[r, k]], times 1 / counts[r] when counts is given. The forward
+// pass reads nbr with counts; the gradient reads nbr_t and float32 rows d_out / counts that the
+// caller scaled (so no product is ever fused into a sum here). Means multiply by a float32
+// reciprocal, as XLA does with a division by a broadcast operand, so the reference path rounds
+// identically.
+template <typename TIn, typename TOut>
+ffi::Future GatherSum(ffi::ThreadPool& pool, const TIn* x, int64_t n_src, int64_t channels,
+                      const int32_t* map, int64_t n_dst, int64_t taps, const int32_t* counts, TOut* out) {
+  auto body = [=](int64_t task) {
+    const int64_t first = task * kTileRows;
+    const int64_t last = std::min(n_dst, first + kTileRows);
+    std::vector<float> acc(channels);
+    for (int64_t r = first; r < last; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k = 0; k < taps; ++k) {
+        const int32_t s = map[r * taps + k];
+        if (s < 0 || s >= n_src) continue;
+        const TIn* row = x + s * channels;
+        for (int64_t c = 0; c < channels; ++c) acc[c] += ToFloat(row[c]);
+      }
+      if (counts != nullptr) {
+        const float scale = 1.0f / static_cast<float>(std::max(counts[r], 1));
+        for (float& a : acc) a *= scale;
+      }
+      for (int64_t c = 0; c < channels; ++c) out[r * channels + c] = FromFloat<TOut>(acc[c]);
+    }
+  };
+  return ParallelFor(pool, NumTiles(n_dst), body);
+}
+
+ffi::Future PoolAvgImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer nbr,
+                        ffi::AnyBuffer counts, ffi::Result<ffi::AnyBuffer> out) {
+  const std::string op = "jsparse_pool_avg: ";
+  std::string message = CheckRowsAndMap(op, "features", x, "nbr", nbr);
+  const int64_t n_out = nbr.dimensions()[0];
+  const int64_t channels = x.dimensions().size() == 2 ? x.dimensions()[1] : 0;
+  if (message.empty()) message = CheckCounts(op, counts, n_out);
+  if (message.empty()) message = CheckMatrix(op, "out", *out, x.element_type(), n_out, channels);
+  if (!message.empty()) return InvalidArgumentFuture(message);
+  return DispatchFeatureType(x.element_type(), [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return GatherSum(pool, static_cast<const T*>(x.untyped_data()), x.dimensions()[0], channels,
+                     nbr.typed_data<int32_t>(), n_out, nbr.dimensions()[1],
+                     counts.typed_data<int32_t>(), static_cast<T*>(out->untyped_data()));
+  });
+}
+
+ffi::Future PoolAvgGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer scaled_dy, ffi::AnyBuffer nbr_t,
+                            ffi::Result<ffi::AnyBuffer> dx) {
+  const std::string op = "jsparse_pool_avg_grad: ";
+  std::string message = CheckRowsAndMap(op, "scaled d_out", scaled_dy, "nbr_t", nbr_t);
+  const auto dims = scaled_dy.dimensions();
+  const int64_t channels = dims.size() == 2 ? dims[1] : 0;
+  const int64_t n_in = nbr_t.dimensions()[0];
+  if (message.empty() && scaled_dy.element_type() != ffi::F32) {
+    message = op + "scaled d_out (d_out / counts) must be float32";
+  }
+  if (message.empty() && !IsFeatureType(dx->element_type())) {
+    message = op + "d_features must be float32, bfloat16 or float16";
+  }
+  if (message.empty()) message = CheckMatrix(op, "d_features", *dx, dx->element_type(), n_in, channels);
+  if (!message.empty()) return InvalidArgumentFuture(message);
+  return DispatchFeatureType(dx->element_type(), [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    return GatherSum(pool, scaled_dy.typed_data<float>(), dims[0], channels, nbr_t.typed_data<int32_t>(),
+                     n_in, nbr_t.dimensions()[1], static_cast<const int32_t*>(nullptr),
+                     static_cast<T*>(dx->untyped_data()));
+  });
+}
+
+}  // namespace
+}  // namespace jsparse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparsePoolMaxCpu, jsparse::PoolMaxImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()    // features [N_in, C]
+        .Arg<ffi::AnyBuffer>()    // nbr int32 [N_out, K]
+        .Ret<ffi::AnyBuffer>()    // out [N_out, C]
+        .Ret<ffi::AnyBuffer>());  // arg int32 [N_out, C]: the tap of the maximum, -1 if none
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparsePoolMaxGradCpu, jsparse::PoolMaxGradImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()    // d_out [N_out, C]
+        .Arg<ffi::AnyBuffer>()    // arg int32 [N_out, C]
+        .Arg<ffi::AnyBuffer>()    // nbr_t int32 [N_in, K]
+        .Ret<ffi::AnyBuffer>());  // d_features [N_in, C]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparsePoolAvgCpu, jsparse::PoolAvgImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()    // features [N_in, C]
+        .Arg<ffi::AnyBuffer>()    // nbr int32 [N_out, K]
+        .Arg<ffi::AnyBuffer>()    // counts int32 [N_out]: active taps per output row
+        .Ret<ffi::AnyBuffer>());  // out [N_out, C]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparsePoolAvgGradCpu, jsparse::PoolAvgGradImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()    // float32 d_out / counts [N_out, C]
+        .Arg<ffi::AnyBuffer>()    // nbr_t int32 [N_in, K]
+        .Ret<ffi::AnyBuffer>());  // d_features [N_in, C]
+
+JSPARSE_REGISTER_FFI_TARGET("jsparse_pool_max", JsparsePoolMaxCpu);
+JSPARSE_REGISTER_FFI_TARGET("jsparse_pool_max_grad", JsparsePoolMaxGradCpu);
+JSPARSE_REGISTER_FFI_TARGET("jsparse_pool_avg", JsparsePoolAvgCpu);
+JSPARSE_REGISTER_FFI_TARGET("jsparse_pool_avg_grad", JsparsePoolAvgGradCpu);
