@@ -190,6 +190,16 @@ class SparseConvTensor:
     mask = np.asarray(self.mask)
     return np.asarray(self.features)[mask], np.asarray(self.indices)[mask]
 
+  def __add__(self, other: SparseConvTensor) -> SparseConvTensor:
+    """``x + y`` for tensors with identical sites (same indices row for row, checked eagerly):
+    features added, kernel maps of both kept. :func:`jsparse.ops.sparse_add` handles different
+    sites."""
+    if not isinstance(other, SparseConvTensor):
+      return NotImplemented
+    from jsparse.ops import _combine  # the ops package imports this module
+
+    return _combine.add_same_sites(self, other)
+
   def __repr__(self) -> str:
     return (
       f"SparseConvTensor(features={self.features.dtype}{list(self.features.shape)}, "

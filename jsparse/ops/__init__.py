@@ -3,6 +3,8 @@
 from jsparse.ops._backend import BACKENDS as BACKENDS
 from jsparse.ops._backend import backend as backend
 from jsparse.ops._backend import current_backend as current_backend
+from jsparse.ops._combine import sparse_add as sparse_add
+from jsparse.ops._combine import sparse_cat as sparse_cat
 from jsparse.ops._conv import sparse_conv as sparse_conv
 from jsparse.ops._hash_table import HashTable as HashTable
 from jsparse.ops._indices import check_indices as check_indices
