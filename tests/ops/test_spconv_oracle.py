@@ -201,3 +201,14 @@ def test_scan_crops_match_spconv(shared_data):
   js_out, sp_out = js_up(js_x), sp_up(sp_x)
   _assert_same(js_out, sp_out, same_order=True)
   np.testing.assert_array_equal(js_out.to_numpy()[1], indices)
+
+
+@pytest.mark.parametrize(
+  "geometry", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1)], ids=_case_id
+)
+def test_max_pool_matches_spconv_on_positive_features(geometry):
+  # spconv clamps the maximum at 0 (its issue 754); on positive features the two agree.
+  features, indices = _inputs(seed=4)
+  js_x, sp_x = _tensors(np.abs(features) + 0.5, indices)
+  js_out = jsparse.nn.SparseMaxPool3d(**geometry)(js_x)
+  _assert_same(js_out, spconv.SparseMaxPool3d(**geometry)(sp_x))
