@@ -129,11 +129,19 @@ def main() -> None:
       sites = int(x.num_active)
       subm = ops.make_spec("subm", x.spatial_shape, 3)
       down = ops.make_spec("conv", x.spatial_shape, 3, 2, 1)
+      # A k3 s2 p1 conv of a sparse scan creates more sites than it reads (each input reaches up
+      # to 8 outputs): size its output to fit, as spconv does, so that no site is dropped.
+      with jsparse.backend("ffi"):
+        needed = ops.output_sites(x.indices, down, batch, 8 * x.capacity)[1]
+      down_capacity = jsparse.round_capacity(int(needed))
       build_subm = lambda i, s=subm, b=batch: ops.build_map(i, s, b)  # noqa: E731
-      build_down = lambda i, s=down, b=batch, c=x.capacity: ops.build_map(i, s, b, c)  # noqa: E731
+      build_down = lambda i, s=down, b=batch, c=down_capacity: ops.build_map(i, s, b, c)  # noqa: E731
       with jsparse.backend("ffi"):
         pairs = jax.jit(build_subm)(x.indices)
+        down_pairs = jax.jit(build_down)(x.indices)
+      jsparse.check_capacity({"conv k3 s2 p1": jnp.stack([down_pairs.num_out, down_capacity])})
       active_pairs = int(jnp.sum(pairs.nbr >= 0))
+      active_down_pairs = int(jnp.sum(down_pairs.nbr >= 0))
       theirs = {}
       if with_spconv:
         active = np.array(x.indices)[:sites]
@@ -146,7 +154,7 @@ def main() -> None:
         timed("reference", build_subm, x.indices, repeats=1), spconv=any_c.get("subm_map"),
       )  # fmt: skip
       table.add(
-        f"{name}: conv k3 s2 p1 map", sites, None,
+        f"{name}: conv k3 s2 p1 map ({int(down_pairs.num_out)} out)", sites, active_down_pairs,
         timed("ffi", build_down, x.indices, repeats=args.repeats),
         timed("reference", build_down, x.indices, repeats=1), spconv=any_c.get("conv_map"),
       )  # fmt: skip
@@ -170,14 +178,14 @@ def main() -> None:
           )  # fmt: skip
         if c == 64 or c == args.channels[-1] and 64 not in args.channels:
 
-          def strided(f, k, i, s=down, b=batch, cap=x.capacity):
+          def strided(f, k, i, s=down, b=batch, cap=down_capacity):
             return ops.sparse_conv(f, k, ops.build_map(i, s, b, cap))
 
           table.add(
-            f"{name}: conv k3 s2 p1 C={c} fwd incl. map", sites, None,
+            f"{name}: conv k3 s2 p1 C={c} fwd incl. map", sites, active_down_pairs,
             timed("ffi", strided, features, kernel, x.indices, repeats=args.repeats),
             timed("reference", strided, features, kernel, x.indices, repeats=1),
-            spconv=spconv.get("conv_forward"),
+            2 * active_down_pairs * c * c, dense, spconv.get("conv_forward"),
           )  # fmt: skip
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"peak memory (max RSS of this process): {peak:.0f} MiB")
