@@ -109,16 +109,33 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
     std::vector<float> a(kGemmRows * d.c_in());
     float* spare = acc.data() + rows * ldc;
     float* c_rows[kGemmRows];
-    std::vector<int64_t> valid(rows);  // tile rows with an input at the current tap
-    std::vector<const T*> inputs(rows);
-    for (int64_t k = 0; k < d.taps; ++k) {
-      int64_t count = 0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* x = InputRow(features, d.n_in, d.c_in(), nbr[(first + r) * d.taps + tap_column(k)]);
-        if (x == nullptr) continue;
-        valid[count] = r;
-        inputs[count++] = x;
+    // The tile's pairs grouped by tap: a counting sort in two row-major passes over its nbr rows
+    // (reading nbr column by column would touch every cache line of the tile once per tap).
+    std::vector<int64_t> tap_start(d.taps + 1, 0);
+    const int32_t* tile_nbr = nbr + first * d.taps;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < d.taps; ++c) {
+        const int32_t i = tile_nbr[r * d.taps + c];
+        if (i >= 0 && i < d.n_in) ++tap_start[tap_column(c) + 1];
       }
+    }
+    for (int64_t k = 0; k < d.taps; ++k) tap_start[k + 1] += tap_start[k];
+    std::vector<int64_t> cursor(tap_start.begin(), tap_start.end() - 1);
+    std::vector<int64_t> pair_rows(tap_start[d.taps]);  // tile row of each pair
+    std::vector<const T*> pair_inputs(tap_start[d.taps]);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < d.taps; ++c) {
+        const T* x = InputRow(features, d.n_in, d.c_in(), tile_nbr[r * d.taps + c]);
+        if (x == nullptr) continue;
+        const int64_t slot = cursor[tap_column(c)]++;
+        pair_rows[slot] = r;
+        pair_inputs[slot] = x;
+      }
+    }
+    for (int64_t k = 0; k < d.taps; ++k) {
+      const int64_t count = tap_start[k + 1] - tap_start[k];
+      const int64_t* valid = pair_rows.data() + tap_start[k];  // tile rows with an input at tap k
+      const T* const* inputs = pair_inputs.data() + tap_start[k];
       // Gathered rows are scattered over the features: prefetch a few blocks ahead so that their
       // cache misses overlap with the multiplications.
       constexpr int64_t kPrefetchAhead = 2 * kGemmRows;
