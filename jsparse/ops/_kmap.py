@@ -325,8 +325,35 @@ def _subm_map(indices: jax.Array, spec: MapSpec, batch_size: int) -> IndicePairs
   return IndicePairs(nbr, None if odd else nbr_t, indices, indices, num_out, spec, batch_size)
 
 
+def _created_map(indices: jax.Array, spec: MapSpec, batch_size: int, capacity: int) -> IndicePairs:
+  """The map of a ``conv``, ``pool`` or ``transpose`` spec, its output sites included.
+
+  Equals :func:`output_sites` followed by :func:`map_for_outputs`; the FFI kernel builds all of
+  it in one pass (sorting candidate pairs instead of hashing the outputs a second time).
+  """
+  k, ndim = spec.kernel_volume, len(spec.in_spatial_shape)
+
+  def reference(i):
+    out_indices, num_out = _output_sites_reference(i, spec, batch_size, capacity)
+    nbr = _neighbors(spec, batch_size, i, out_indices)
+    return out_indices, num_out, nbr, _transpose(nbr, i.shape[0])
+
+  outputs = (
+    jax.ShapeDtypeStruct((capacity, 1 + ndim), jnp.int32),
+    jax.ShapeDtypeStruct((), jnp.int32),
+    jax.ShapeDtypeStruct((capacity, k), jnp.int32),
+    jax.ShapeDtypeStruct((indices.shape[0], k), jnp.int32),
+  )
+  ffi = jax.ffi.ffi_call("jsparse_kmap_build", outputs, vmap_method="sequential")
+  out_indices, num_out, nbr, nbr_t = _backend.dispatch(
+    "jsparse_kmap_build", lambda i: ffi(i, **_geometry_attrs(spec, batch_size)), reference, indices
+  )
+  return IndicePairs(nbr, nbr_t, indices, out_indices, num_out, spec, batch_size)
+
+
 map_for_outputs = _backend.jit(_map_for_outputs, static_argnames=("spec", "batch_size"))
 subm_map = _backend.jit(_subm_map, static_argnames=("spec", "batch_size"))
+created_map = _backend.jit(_created_map, static_argnames=("spec", "batch_size", "capacity"))
 
 
 def build_map(
@@ -341,8 +368,7 @@ def build_map(
     return subm_map(indices, spec, batch_size)
   if out_capacity is None:
     raise ValueError(f"a {spec.kind} map creates sites: pass a static out_capacity")
-  out_indices, num_out = output_sites(indices, spec, batch_size, out_capacity)
-  return map_for_outputs(indices, out_indices, num_out, spec, batch_size)
+  return created_map(indices, spec, batch_size, out_capacity)
 
 
 def invert_map(pairs: IndicePairs) -> IndicePairs:

@@ -178,6 +178,19 @@ def test_handlers_reject_bad_arguments():
   with pytest.raises(Exception, match="one entry per spatial dim"):
     bad = dict(attrs, stride=np.ones(3, np.int64))
     neighbors(jnp.zeros((4, 3), jnp.int32), jnp.zeros((4, 3), jnp.int32), symmetric=np.int64(0), **bad)
+  down = ops.make_spec("conv", (4, 4), 3, 2, 1)
+  build = jax.ffi.ffi_call(
+    "jsparse_kmap_build",
+    (
+      jax.ShapeDtypeStruct((4, 3), jnp.int32),
+      jax.ShapeDtypeStruct((), jnp.int32),
+      jax.ShapeDtypeStruct((4, 8), jnp.int32),
+      jax.ShapeDtypeStruct((4, 9), jnp.int32),
+    ),
+    vmap_method="sequential",
+  )
+  with pytest.raises(Exception, match=r"nbr \[capacity, K\] must be int32 with K = 9"):
+    build(jnp.zeros((4, 3), jnp.int32), **ops._kmap._geometry_attrs(down, 1))
   pool_max = jax.ffi.ffi_call(
     "jsparse_pool_max",
     (jax.ShapeDtypeStruct((4, 3), jnp.float32), jax.ShapeDtypeStruct((4, 3), jnp.int32)),

@@ -11,6 +11,8 @@
 //   maps scatter: a table of the outputs, and each input looks up the outputs it reaches. Where
 //   several rows could write one cell (only if sites repeat) the smallest row wins, so results
 //   stay independent of scheduling.
+// jsparse_kmap_build: both in one call for conv / pool / transpose maps, by sorting the candidate
+//   (output key, input row, tap) triples; what build_map uses under jit.
 // Rows with a batch index outside [0, batch_size) or coordinates outside the grid are inactive:
 // they are never hashed, looked up or written through, so bad indices cannot cause an
 // out-of-bounds access.
@@ -19,6 +21,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -153,19 +156,26 @@ void UnpackSites(const uint64_t* keys, int64_t n, const MapGeometry& g, double k
 }
 
 // Sorts keys below `key_range` ascending: least-significant-digit radix sort, 11 bits a pass, as
-// many passes as the range needs (3 for grids up to 2**33 sites).
-void RadixSort(std::vector<uint64_t>& keys, double key_range) {
+// many passes as the range needs (3 for grids up to 2**33 sites). Stable; `payload` (may be null)
+// moves with the keys.
+void RadixSort(std::vector<uint64_t>& keys, std::vector<uint32_t>* payload, double key_range) {
   constexpr int kBits = 11;
   constexpr uint64_t kBuckets = uint64_t{1} << kBits;
   std::vector<uint64_t> buffer(keys.size());
+  std::vector<uint32_t> payload_buffer(payload == nullptr ? 0 : keys.size());
   std::vector<int64_t> offsets(kBuckets);
   for (int shift = 0; shift < 64 && std::ldexp(1.0, shift) < key_range; shift += kBits) {
     std::fill(offsets.begin(), offsets.end(), 0);
     for (uint64_t key : keys) ++offsets[(key >> shift) & (kBuckets - 1)];
     int64_t total = 0;
     for (int64_t& offset : offsets) total += std::exchange(offset, total);
-    for (uint64_t key : keys) buffer[offsets[(key >> shift) & (kBuckets - 1)]++] = key;
+    for (size_t e = 0; e < keys.size(); ++e) {
+      const int64_t to = offsets[(keys[e] >> shift) & (kBuckets - 1)]++;
+      buffer[to] = keys[e];
+      if (payload != nullptr) payload_buffer[to] = (*payload)[e];
+    }
     keys.swap(buffer);
+    if (payload != nullptr) payload->swap(payload_buffer);
   }
 }
 
@@ -179,6 +189,13 @@ int64_t MaxTargetsPerInput(const MapGeometry& g) {
     most *= (g.kernel[j] + period - 1) / period;
   }
   return most;
+}
+
+// Number of output sites of the grid (batch_size x prod(out_shape)): packed keys lie below it.
+double OutputKeyRange(const MapGeometry& g) {
+  double range = static_cast<double>(g.batch_size);
+  for (int j = 0; j < g.ndim; ++j) range *= static_cast<double>(g.out_shape[j]);
+  return range;
 }
 
 ffi::Future OutputSitesImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryAttrs attrs,
@@ -197,9 +214,8 @@ ffi::Future OutputSitesImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, Geomet
   const int32_t* in = indices.typed_data<int32_t>();
   int32_t* out = out_indices->typed_data<int32_t>();
   int32_t* count = num_out->typed_data<int32_t>();
-  double grid = static_cast<double>(g.batch_size);
-  for (int j = 0; j < g.ndim; ++j) grid *= static_cast<double>(g.out_shape[j]);
-  const int64_t bound = static_cast<int64_t>(std::min<double>(grid, static_cast<double>(n) * MaxTargetsPerInput(g)));
+  const int64_t bound =
+      static_cast<int64_t>(std::min<double>(OutputKeyRange(g), static_cast<double>(n) * MaxTargetsPerInput(g)));
   auto table = std::make_shared<std::vector<uint64_t>>(TableSlots(bound), kEmptyKey);
   const uint64_t mask = table->size() - 1;
   auto insert_targets = [=](auto ndim_constant) {
@@ -224,14 +240,13 @@ ffi::Future OutputSitesImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, Geomet
       }
     };
   };
-  double key_range = static_cast<double>(g.batch_size);
-  for (int j = 0; j < g.ndim; ++j) key_range *= static_cast<double>(g.out_shape[j]);
+  const double key_range = OutputKeyRange(g);
   auto finish = [=]() {
     std::vector<uint64_t> keys;
     for (uint64_t key : *table) {
       if (key != kEmptyKey) keys.push_back(key);
     }
-    RadixSort(keys, key_range);
+    RadixSort(keys, nullptr, key_range);
     const int64_t written = std::min<int64_t>(capacity, keys.size());
     UnpackSites(keys.data(), written, g, key_range, out);
     std::fill(out + written * (1 + g.ndim), out + capacity * (1 + g.ndim), -1);
@@ -370,6 +385,115 @@ ffi::Future NeighborsImpl(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::
                           n_out, forward, with_transpose ? backward : nullptr);
 }
 
+// ---- jsparse_kmap_build ----
+
+// A conv / pool / transpose map in one call: output sites, nbr and nbr_t, by sorting candidates
+// instead of hashing. Tasks over input rows write every (output key, input row, tap) they reach
+// into their own region of a candidate array, in row and tap order, and clear their nbr_t rows;
+// further tasks clear nbr and out_indices. The last task compacts the regions (in task order),
+// radix-sorts them by key (stable, so equal keys stay in input-row order), and walks the sorted
+// run: each distinct key is the next output row, and each candidate writes nbr[o, t] (the first,
+// i.e. smallest, input row wins if sites repeat) and nbr_t[i, t]. Identical to output_sites
+// followed by jsparse_kmap_neighbors, without the output hash table and the second pass.
+ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryAttrs attrs,
+                         ffi::Result<ffi::AnyBuffer> out_indices, ffi::Result<ffi::AnyBuffer> num_out,
+                         ffi::Result<ffi::AnyBuffer> nbr, ffi::Result<ffi::AnyBuffer> nbr_t) {
+  const std::string op = "jsparse_kmap_build: ";
+  MapGeometry g;
+  std::string message = Geometry(op, attrs, &g);
+  if (message.empty()) message = CheckIndices(op, "indices", indices, g.ndim);
+  if (message.empty()) message = CheckIndices(op, "out_indices", *out_indices, g.ndim);
+  const int64_t n = indices.dimensions()[0];
+  const int64_t capacity = out_indices->dimensions()[0];
+  if (message.empty() && (num_out->element_type() != ffi::S32 || num_out->dimensions().size() != 0)) {
+    message = op + "num_out must be an int32 scalar";
+  }
+  for (auto [buffer, rows, name] : {std::tuple{&nbr, capacity, "nbr [capacity, K]"},
+                                    std::tuple{&nbr_t, n, "nbr_t [N_in, K]"}}) {
+    const auto dims = (*buffer)->dimensions();
+    if (message.empty() && ((*buffer)->element_type() != ffi::S32 || dims.size() != 2 || dims[0] != rows ||
+                            dims[1] != g.taps)) {
+      message = op + name + " must be int32 with K = " + std::to_string(g.taps) + " taps";
+    }
+  }
+  if (message.empty() && static_cast<double>(n) * g.taps >= 4294967296.0) {
+    message = op + "N_in x K must stay below 2**32 (the candidates' (row, tap) payload)";
+  }
+  if (!message.empty()) return InvalidArgumentFuture(message);
+  const int32_t* in = indices.typed_data<int32_t>();
+  int32_t* out = out_indices->typed_data<int32_t>();
+  int32_t* count = num_out->typed_data<int32_t>();
+  int32_t* forward = nbr->typed_data<int32_t>();
+  int32_t* backward = nbr_t->typed_data<int32_t>();
+  const int64_t per_input = MaxTargetsPerInput(g);
+  const int64_t input_tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t clear_tasks = (capacity + kRowsPerTask - 1) / kRowsPerTask;
+  // Candidates of input task `task` live at [task * region, ...); `filled[task]` counts them.
+  const int64_t region = kRowsPerTask * per_input;
+  auto keys = std::make_shared<std::vector<uint64_t>>(input_tasks * region);
+  auto payload = std::make_shared<std::vector<uint32_t>>(input_tasks * region);
+  auto filled = std::make_shared<std::vector<int64_t>>(input_tasks, 0);
+  const int taps = static_cast<int>(g.taps);
+  auto body = [=](auto ndim_constant) {
+    constexpr int kNdim = decltype(ndim_constant)::value;
+    return [=](int64_t task) {
+      if (task >= input_tasks) {  // clear a block of output rows
+        const int64_t first = (task - input_tasks) * kRowsPerTask;
+        const int64_t last = std::min(capacity, first + kRowsPerTask);
+        std::fill(forward + first * taps, forward + last * taps, -1);
+        std::fill(out + first * (1 + g.ndim), out + last * (1 + g.ndim), -1);
+        return;
+      }
+      std::vector<int64_t> axis_table(AxisTableSize(g));
+      uint64_t* task_keys = keys->data() + task * region;
+      uint32_t* task_payload = payload->data() + task * region;
+      int64_t used = 0;
+      for (int64_t r = task * kRowsPerTask; r < std::min(n, (task + 1) * kRowsPerTask); ++r) {
+        const int32_t* row = in + r * (1 + g.ndim);
+        std::fill(backward + r * taps, backward + (r + 1) * taps, -1);  // row r is ours
+        if (!SiteInRange<kNdim>(g, row, g.in_shape)) continue;
+        AxisTargets<kNdim>(g, row + 1, axis_table.data());
+        ForEachTap<kNdim>(g, row[0], axis_table.data(), g.out_shape, [&](int64_t t, uint64_t key) {
+          task_keys[used] = key;
+          task_payload[used++] = static_cast<uint32_t>(r * taps + t);
+        });
+      }
+      (*filled)[task] = used;
+    };
+  };
+  const double key_range = OutputKeyRange(g);
+  auto finish = [=]() {
+    std::vector<uint64_t> sorted_keys;
+    std::vector<uint32_t> sorted_payload;
+    for (int64_t task = 0; task < input_tasks; ++task) {
+      const int64_t first = task * region;
+      sorted_keys.insert(sorted_keys.end(), keys->begin() + first, keys->begin() + first + (*filled)[task]);
+      sorted_payload.insert(sorted_payload.end(), payload->begin() + first,
+                            payload->begin() + first + (*filled)[task]);
+    }
+    RadixSort(sorted_keys, &sorted_payload, key_range);
+    std::vector<uint64_t> sites;  // the distinct keys that fit, in order
+    int64_t distinct = 0;
+    for (size_t e = 0; e < sorted_keys.size(); ++e) {
+      if (e == 0 || sorted_keys[e] != sorted_keys[e - 1]) {
+        if (distinct++ < capacity) sites.push_back(sorted_keys[e]);
+      }
+      const int64_t o = distinct - 1;
+      if (o >= capacity) continue;  // beyond the capacity: counted, not written
+      const int64_t i = sorted_payload[e] / taps;
+      const int64_t t = sorted_payload[e] % taps;
+      int32_t& cell = forward[o * taps + t];
+      if (cell < 0) cell = static_cast<int32_t>(i);
+      backward[i * taps + t] = static_cast<int32_t>(o);
+    }
+    UnpackSites(sites.data(), static_cast<int64_t>(sites.size()), g, key_range, out);
+    *count = static_cast<int32_t>(std::min<int64_t>(distinct, INT32_MAX));
+  };
+  return DispatchNdim(g.ndim, [&](auto ndim_constant) {
+    return ParallelFor(pool, input_tasks + clear_tasks, body(ndim_constant), finish);
+  });
+}
+
 }  // namespace
 }  // namespace jsparse
 
@@ -394,6 +518,16 @@ ffi::Future OutputSitesEntry(ffi::ThreadPool pool, ffi::AnyBuffer indices, ffi::
                              ffi::Result<ffi::AnyBuffer> out_indices, ffi::Result<ffi::AnyBuffer> num_out) {
   return OutputSitesImpl(pool, indices, {k, s, p, d, in_shape, out_shape, transpose, batch_size},
                          out_indices, num_out);
+}
+
+ffi::Future BuildMapEntry(ffi::ThreadPool pool, ffi::AnyBuffer indices, ffi::Span<const int64_t> k,
+                          ffi::Span<const int64_t> s, ffi::Span<const int64_t> p, ffi::Span<const int64_t> d,
+                          ffi::Span<const int64_t> in_shape, ffi::Span<const int64_t> out_shape,
+                          int64_t transpose, int64_t batch_size, ffi::Result<ffi::AnyBuffer> out_indices,
+                          ffi::Result<ffi::AnyBuffer> num_out, ffi::Result<ffi::AnyBuffer> nbr,
+                          ffi::Result<ffi::AnyBuffer> nbr_t) {
+  return BuildMapImpl(pool, indices, {k, s, p, d, in_shape, out_shape, transpose, batch_size}, out_indices,
+                      num_out, nbr, nbr_t);
 }
 
 ffi::Future NeighborsEntry(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::AnyBuffer out_indices,
@@ -429,5 +563,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::AnyBuffer>()   // nbr int32 [N_out, K]
         .Ret<ffi::AnyBuffer>()); // nbr_t int32 [N_in, K] or [0, K]
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparseKmapBuildCpu, jsparse::BuildMapEntry,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()  // indices int32 [N_in, 1 + ndim]
+        JSPARSE_MAP_GEOMETRY_ATTRS
+        .Ret<ffi::AnyBuffer>()   // out_indices int32 [capacity, 1 + ndim]
+        .Ret<ffi::AnyBuffer>()   // num_out int32 []
+        .Ret<ffi::AnyBuffer>()   // nbr int32 [capacity, K]
+        .Ret<ffi::AnyBuffer>()); // nbr_t int32 [N_in, K]
+
 JSPARSE_REGISTER_FFI_TARGET("jsparse_kmap_output_sites", JsparseKmapOutputSitesCpu);
+JSPARSE_REGISTER_FFI_TARGET("jsparse_kmap_build", JsparseKmapBuildCpu);
 JSPARSE_REGISTER_FFI_TARGET("jsparse_kmap_neighbors", JsparseKmapNeighborsCpu);
