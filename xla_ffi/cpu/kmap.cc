@@ -155,27 +155,30 @@ void UnpackSites(const uint64_t* keys, int64_t n, const MapGeometry& g, double k
   }
 }
 
-// Sorts keys below `key_range` ascending: least-significant-digit radix sort, 11 bits a pass, as
-// many passes as the range needs (3 for grids up to 2**33 sites). Stable; `payload` (may be null)
-// moves with the keys.
-void RadixSort(std::vector<uint64_t>& keys, std::vector<uint32_t>* payload, double key_range) {
-  constexpr int kBits = 11;
-  constexpr uint64_t kBuckets = uint64_t{1} << kBits;
+// The digits of a least-significant-digit radix sort of keys below `key_range`: as few passes
+// as digits of at most 13 bits allow (8192 counters stay in L2), of equal width.
+struct RadixDigits {
+  explicit RadixDigits(double key_range) {
+    const int bits = std::max(1, static_cast<int>(std::ceil(std::log2(std::max(key_range, 2.0)))));
+    passes = (bits + 12) / 13;
+    width = (bits + passes - 1) / passes;
+  }
+  uint64_t Digit(uint64_t key, int pass) const { return (key >> (pass * width)) & ((uint64_t{1} << width) - 1); }
+  int passes, width;
+};
+
+// Sorts keys below `key_range` ascending (LSD radix sort).
+void RadixSort(std::vector<uint64_t>& keys, double key_range) {
+  const RadixDigits digits(key_range);
   std::vector<uint64_t> buffer(keys.size());
-  std::vector<uint32_t> payload_buffer(payload == nullptr ? 0 : keys.size());
-  std::vector<int64_t> offsets(kBuckets);
-  for (int shift = 0; shift < 64 && std::ldexp(1.0, shift) < key_range; shift += kBits) {
+  std::vector<int64_t> offsets(int64_t{1} << digits.width);
+  for (int pass = 0; pass < digits.passes; ++pass) {
     std::fill(offsets.begin(), offsets.end(), 0);
-    for (uint64_t key : keys) ++offsets[(key >> shift) & (kBuckets - 1)];
+    for (uint64_t key : keys) ++offsets[digits.Digit(key, pass)];
     int64_t total = 0;
     for (int64_t& offset : offsets) total += std::exchange(offset, total);
-    for (size_t e = 0; e < keys.size(); ++e) {
-      const int64_t to = offsets[(keys[e] >> shift) & (kBuckets - 1)]++;
-      buffer[to] = keys[e];
-      if (payload != nullptr) payload_buffer[to] = (*payload)[e];
-    }
+    for (uint64_t key : keys) buffer[offsets[digits.Digit(key, pass)]++] = key;
     keys.swap(buffer);
-    if (payload != nullptr) payload->swap(payload_buffer);
   }
 }
 
@@ -246,7 +249,7 @@ ffi::Future OutputSitesImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, Geomet
     for (uint64_t key : *table) {
       if (key != kEmptyKey) keys.push_back(key);
     }
-    RadixSort(keys, nullptr, key_range);
+    RadixSort(keys, key_range);
     const int64_t written = std::min<int64_t>(capacity, keys.size());
     UnpackSites(keys.data(), written, g, key_range, out);
     std::fill(out + written * (1 + g.ndim), out + capacity * (1 + g.ndim), -1);
@@ -395,6 +398,44 @@ ffi::Future NeighborsImpl(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::
 // run: each distinct key is the next output row, and each candidate writes nbr[o, t] (the first,
 // i.e. smallest, input row wins if sites repeat) and nbr_t[i, t]. Identical to output_sites
 // followed by jsparse_kmap_neighbors, without the output hash table and the second pass.
+// A candidate pair of jsparse_kmap_build: an output key and input_row * K + tap.
+struct Candidate {
+  uint64_t key;
+  uint32_t payload;
+};
+
+// The candidates of every task region (`filled[task]` of them at task * region), sorted by key
+// with a stable LSD radix sort; the first pass reads the regions in task order, so the result
+// keeps input-row order among equal keys without a separate compaction.
+std::vector<Candidate> SortCandidates(const std::vector<Candidate>& regions, int64_t region,
+                                      const std::vector<int64_t>& filled, double key_range) {
+  int64_t total = 0;
+  for (int64_t f : filled) total += f;
+  const RadixDigits digits(key_range);
+  std::vector<Candidate> sorted(total), buffer(total);
+  std::vector<int64_t> offsets(int64_t{1} << digits.width);
+  for (int pass = 0; pass < digits.passes; ++pass) {
+    // Visits the source of this pass: the task regions first, then the previous pass's output.
+    auto for_each = [&](auto&& visit) {
+      if (pass > 0) {
+        for (const Candidate& c : sorted) visit(c);
+        return;
+      }
+      for (size_t task = 0; task < filled.size(); ++task) {
+        const Candidate* first = regions.data() + task * region;
+        for (const Candidate* c = first; c < first + filled[task]; ++c) visit(*c);
+      }
+    };
+    std::fill(offsets.begin(), offsets.end(), 0);
+    for_each([&](const Candidate& c) { ++offsets[digits.Digit(c.key, pass)]; });
+    int64_t sum = 0;
+    for (int64_t& offset : offsets) sum += std::exchange(offset, sum);
+    for_each([&](const Candidate& c) { buffer[offsets[digits.Digit(c.key, pass)]++] = c; });
+    sorted.swap(buffer);
+  }
+  return sorted;
+}
+
 ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryAttrs attrs,
                          ffi::Result<ffi::AnyBuffer> out_indices, ffi::Result<ffi::AnyBuffer> num_out,
                          ffi::Result<ffi::AnyBuffer> nbr, ffi::Result<ffi::AnyBuffer> nbr_t) {
@@ -430,8 +471,7 @@ ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryA
   const int64_t clear_tasks = (capacity + kRowsPerTask - 1) / kRowsPerTask;
   // Candidates of input task `task` live at [task * region, ...); `filled[task]` counts them.
   const int64_t region = kRowsPerTask * per_input;
-  auto keys = std::make_shared<std::vector<uint64_t>>(input_tasks * region);
-  auto payload = std::make_shared<std::vector<uint32_t>>(input_tasks * region);
+  auto candidates = std::make_shared<std::vector<Candidate>>(input_tasks * region);
   auto filled = std::make_shared<std::vector<int64_t>>(input_tasks, 0);
   const int taps = static_cast<int>(g.taps);
   auto body = [=](auto ndim_constant) {
@@ -445,8 +485,7 @@ ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryA
         return;
       }
       std::vector<int64_t> axis_table(AxisTableSize(g));
-      uint64_t* task_keys = keys->data() + task * region;
-      uint32_t* task_payload = payload->data() + task * region;
+      Candidate* mine = candidates->data() + task * region;
       int64_t used = 0;
       for (int64_t r = task * kRowsPerTask; r < std::min(n, (task + 1) * kRowsPerTask); ++r) {
         const int32_t* row = in + r * (1 + g.ndim);
@@ -454,8 +493,7 @@ ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryA
         if (!SiteInRange<kNdim>(g, row, g.in_shape)) continue;
         AxisTargets<kNdim>(g, row + 1, axis_table.data());
         ForEachTap<kNdim>(g, row[0], axis_table.data(), g.out_shape, [&](int64_t t, uint64_t key) {
-          task_keys[used] = key;
-          task_payload[used++] = static_cast<uint32_t>(r * taps + t);
+          mine[used++] = {key, static_cast<uint32_t>(r * taps + t)};
         });
       }
       (*filled)[task] = used;
@@ -463,25 +501,17 @@ ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryA
   };
   const double key_range = OutputKeyRange(g);
   auto finish = [=]() {
-    std::vector<uint64_t> sorted_keys;
-    std::vector<uint32_t> sorted_payload;
-    for (int64_t task = 0; task < input_tasks; ++task) {
-      const int64_t first = task * region;
-      sorted_keys.insert(sorted_keys.end(), keys->begin() + first, keys->begin() + first + (*filled)[task]);
-      sorted_payload.insert(sorted_payload.end(), payload->begin() + first,
-                            payload->begin() + first + (*filled)[task]);
-    }
-    RadixSort(sorted_keys, &sorted_payload, key_range);
+    std::vector<Candidate> sorted = SortCandidates(*candidates, region, *filled, key_range);
     std::vector<uint64_t> sites;  // the distinct keys that fit, in order
     int64_t distinct = 0;
-    for (size_t e = 0; e < sorted_keys.size(); ++e) {
-      if (e == 0 || sorted_keys[e] != sorted_keys[e - 1]) {
-        if (distinct++ < capacity) sites.push_back(sorted_keys[e]);
+    for (size_t e = 0; e < sorted.size(); ++e) {
+      if (e == 0 || sorted[e].key != sorted[e - 1].key) {
+        if (distinct++ < capacity) sites.push_back(sorted[e].key);
       }
       const int64_t o = distinct - 1;
       if (o >= capacity) continue;  // beyond the capacity: counted, not written
-      const int64_t i = sorted_payload[e] / taps;
-      const int64_t t = sorted_payload[e] % taps;
+      const int64_t i = sorted[e].payload / taps;
+      const int64_t t = sorted[e].payload % taps;
       int32_t& cell = forward[o * taps + t];
       if (cell < 0) cell = static_cast<int32_t>(i);
       backward[i * taps + t] = static_cast<int32_t>(o);
