@@ -20,13 +20,12 @@ def _points(num_points=50, num_features=4, seed=0):
   return points
 
 
-def _pcd_header(fields, sizes, types, counts, num_points, data, width=None, height=1):
-  width = num_points if width is None else width
+def _pcd_header(fields, sizes, types, counts, num_points, data):
   return (
     "# .PCD v0.7 - Point Cloud Data file format\n"
     "VERSION 0.7\n"
     f"FIELDS {' '.join(fields)}\nSIZE {' '.join(map(str, sizes))}\nTYPE {' '.join(types)}\n"
-    f"COUNT {' '.join(map(str, counts))}\nWIDTH {width}\nHEIGHT {height}\n"
+    f"COUNT {' '.join(map(str, counts))}\nWIDTH {num_points}\nHEIGHT 1\n"
     f"VIEWPOINT 0 0 0 1 0 0 0\nPOINTS {num_points}\nDATA {data}\n"
   ).encode()
 
@@ -220,6 +219,7 @@ def test_pcd_binary_compressed(tmp_path):
     b"\x01aa\x80\x00\x01aa",  # liblzf's lzf_compress (python-lzf 0.2.6) of 10 x "a"
     b"\x00a\xe0\x00\x00",  # the literal "a", then 9 bytes from 1 back (length byte 9 - 2 - 7 = 0)
   ],
+  ids=["liblzf", "extended-length"],
 )
 def test_pcd_binary_compressed_known_stream(tmp_path, body):
   # Both streams decode to 10 x "a" with liblzf's lzf_decompress; here one uint8 field of 10 points.
@@ -505,6 +505,8 @@ def _good_header(**changes):
       r"PCD DATA 'binary_lz4' is not one of ascii, binary, binary_compressed",
     ),
   ],
+  ids=["binary", "ply", "no-DATA", "no-SIZE", "SIZE-text", "WIDTH-negative", "TYPE-short", "TYPE-D"]
+  + ["SIZE-3", "POINTS-mismatch", "FIELDS-repeat", "no-POINTS-WIDTH", "DATA-unknown"],
 )
 def test_pcd_corrupt_header(tmp_path, header, message):
   (tmp_path / "bad.pcd").write_bytes(header + (b"1 2 3\n4 5 6\n" if b"DATA" in header else b""))
@@ -557,6 +559,7 @@ def _compressed_pcd(path, sizes, body):
     ([5, 11], b"\x00a\xe0\x00\x00", r"is corrupt \(it decodes to 10 bytes, its header says 11\)"),
     ([2, 1], b"\x00a", r"holds 1 bytes, 10 points need 10"),
   ],
+  ids=["no-sizes", "truncated", "bad-offset", "cut-reference", "cut-literal", "short-output", "short-data"],
 )
 def test_pcd_compressed_corrupt(tmp_path, sizes, body, message):
   if sizes is None:
