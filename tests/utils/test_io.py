@@ -6,6 +6,7 @@ Expected values are the arrays the tests wrote, cast to float32, never the reade
 from __future__ import annotations
 
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -316,7 +317,7 @@ def test_ply_without_vertex(tmp_path):
 )
 def test_missing_optional_dependency(tmp_path, monkeypatch, suffix, module, hint):
   (tmp_path / f"a{suffix}").write_bytes(b"ply\n")
-  monkeypatch.setitem(__import__("sys").modules, module, None)  # makes `import module` fail
+  monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
   with pytest.raises(ImportError, match=f"a{suffix} needs {module}: {hint}"):
     read_points(tmp_path / f"a{suffix}")
 
