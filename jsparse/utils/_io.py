@@ -362,16 +362,19 @@ def _read_pcd(path: pathlib.Path, fields: Sequence[str] | None) -> np.ndarray:
     parts = [rows[f"c{i}"] for i in range(len(names))]
   else:
     raw = _pcd_decompress(path, data[offset:]) if num_points else b""
-    expected = num_points * sum(dt.itemsize * c for dt, c in zip(dtypes, counts))
+    # Compressed PCD stores each field for all points, then the next field (structure of arrays),
+    # and PCL leaves the padding fields "_" out of it.
+    stored = [(dt, c) for name, dt, c in zip(names, dtypes, counts) if name != "_"]
+    expected = num_points * sum(dt.itemsize * c for dt, c in stored)
     if len(raw) != expected:
       raise ValueError(
         f"{path}: PCD binary_compressed data holds {len(raw)} bytes, {num_points} points need {expected}"
       )
-    # Compressed PCD stores each field for all points, then the next field (structure of arrays).
     parts, start = [], 0
-    for dt, c in zip(dtypes, counts):
+    for dt, c in stored:
       parts.append(np.frombuffer(raw, dt, num_points * c, start).reshape(num_points, c))
       start += num_points * c * dt.itemsize
+    names = [name for name in names if name != "_"]
   columns = {name: part for name, part in zip(names, parts) if name != "_"}
   return _select(path, columns, fields)
 
