@@ -2,6 +2,7 @@
 
 from jsparse import nn as nn
 from jsparse import ops as ops
+from jsparse import utils as utils
 from jsparse._build_info import build_info as build_info
 from jsparse._capacity import CapacityError as CapacityError
 from jsparse._capacity import check_capacity as check_capacity

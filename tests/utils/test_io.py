@@ -1,0 +1,588 @@
+"""read_points / write_points: files written here by hand (numpy bytes, plyfile, laspy) and read back.
+
+Expected values are the arrays the tests wrote, cast to float32, never the reader's own output.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from jsparse.utils import read_points, write_points
+
+
+def _points(num_points=50, num_features=4, seed=0):
+  rng = np.random.default_rng(seed)
+  points = rng.normal(0, 30, (num_points, num_features)).astype(np.float32)
+  points[3, :3] = np.nan  # a dropped return: kept as NaN, the voxelizer drops it
+  return points
+
+
+def _pcd_header(fields, sizes, types, counts, num_points, data):
+  return (
+    "# .PCD v0.7 - Point Cloud Data file format\n"
+    "VERSION 0.7\n"
+    f"FIELDS {' '.join(fields)}\nSIZE {' '.join(map(str, sizes))}\nTYPE {' '.join(types)}\n"
+    f"COUNT {' '.join(map(str, counts))}\nWIDTH {num_points}\nHEIGHT 1\n"
+    f"VIEWPOINT 0 0 0 1 0 0 0\nPOINTS {num_points}\nDATA {data}\n"
+  ).encode()
+
+
+def _lzf_compress(data: bytes) -> bytes:
+  """A greedy LZF compressor (liblzf's stream format): literal runs and back references."""
+  out, literal, table, i = bytearray(), bytearray(), {}, 0
+
+  def flush():
+    for start in range(0, len(literal), 32):
+      chunk = literal[start : start + 32]
+      out.append(len(chunk) - 1)
+      out.extend(chunk)
+    literal.clear()
+
+  while i < len(data):
+    ref = table.get(data[i : i + 3]) if i + 3 <= len(data) else None
+    if i + 3 <= len(data):
+      table[data[i : i + 3]] = i
+    if ref is not None and i - ref - 1 < 8192:
+      length = 3
+      while length < 264 and i + length < len(data) and data[ref + length] == data[i + length]:
+        length += 1
+      flush()
+      offset, code = i - ref - 1, length - 2
+      if code < 7:
+        out.append(code << 5 | offset >> 8)
+      else:
+        out += bytes([7 << 5 | offset >> 8, code - 7])
+      out.append(offset & 255)
+      i += length
+    else:
+      literal.append(data[i])
+      i += 1
+  flush()
+  return bytes(out)
+
+
+# A mixed-type PCD record: every TYPE/SIZE family, a COUNT 3 field and a padding field "_".
+MIXED = [("x", "<f4", 1), ("y", "<f4", 1), ("z", "<f8", 1), ("intensity", "<u1", 1), ("ring", "<u2", 1)]
+MIXED += [("label", "<i4", 1), ("normal", "<f4", 3), ("_", "<i1", 1), ("stamp", "<u8", 1), ("dz", "<f2", 1)]
+MIXED += [("id", "<i8", 1), ("flag", "<i2", 1), ("code", "<u4", 1)]
+
+
+def _mixed_record(num_points, seed=0):
+  """Structured PCD rows and the float32 ``[P, F]`` they should read as (padding left out)."""
+  rng = np.random.default_rng(seed)
+  dtype = np.dtype([(f"c{i}", t, (c,)) for i, (_, t, c) in enumerate(MIXED)])
+  rows = np.zeros(num_points, dtype)
+  for i, (_, t, _c) in enumerate(MIXED):
+    info = np.iinfo(t) if np.dtype(t).kind in "iu" else None
+    low, high = (max(info.min, -1000), min(info.max, 1000)) if info else (-100, 100)
+    rows[f"c{i}"] = rng.uniform(low, high, rows[f"c{i}"].shape).astype(t)
+  expected = np.concatenate(
+    [rows[f"c{i}"].astype(np.float32) for i, (name, _, _) in enumerate(MIXED) if name != "_"], axis=1
+  )
+  names = [name for name, _, c in MIXED if name != "_" for _ in range(c)]
+  return rows, expected, names
+
+
+def _mixed_header(num_points, data):
+  dts = [np.dtype(t) for _, t, _ in MIXED]
+  return _pcd_header(
+    [n for n, _, _ in MIXED], [dt.itemsize for dt in dts], [dt.kind.upper() for dt in dts],
+    [c for _, _, c in MIXED], num_points, data,
+  )  # fmt: skip
+
+
+# Round trips through write_points.
+
+
+@pytest.mark.parametrize(
+  ("suffix", "binary"),
+  [
+    (".bin", True),
+    (".npy", True),
+    (".npz", True),
+    (".pcd", True),
+    (".pcd", False),
+    (".ply", True),
+    (".ply", False),
+  ],
+)
+def test_round_trip(tmp_path, suffix, binary):
+  if suffix == ".ply":
+    pytest.importorskip("plyfile")
+  points = _points(num_features=5)
+  write_points(tmp_path / f"scan{suffix}", points, binary=binary)
+  np.testing.assert_array_equal(read_points(tmp_path / f"scan{suffix}", 5), points)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".npy", ".npz", ".pcd"])
+def test_round_trip_empty(tmp_path, suffix):
+  write_points(tmp_path / f"empty{suffix}", np.zeros((0, 4), np.float32))
+  assert read_points(tmp_path / f"empty{suffix}", 4).shape == (0, 4)
+
+
+def test_write_casts_to_float32(tmp_path):
+  points = np.arange(12, dtype=np.float64).reshape(4, 3) / 3
+  write_points(tmp_path / "scan.npy", points)
+  loaded = np.load(tmp_path / "scan.npy")
+  assert loaded.dtype == np.float32
+  np.testing.assert_array_equal(loaded, points.astype(np.float32))
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_write_pcd_header_and_fields(tmp_path, binary):
+  points = _points(num_features=4)
+  path = tmp_path / "scan.pcd"
+  write_points(path, points, fields=["x", "y", "z", "intensity"], binary=binary)
+  assert b"FIELDS x y z intensity\n" in path.read_bytes()
+  assert f"POINTS {len(points)}\nDATA {'binary' if binary else 'ascii'}\n".encode() in path.read_bytes()
+  np.testing.assert_array_equal(read_points(path, fields=["intensity", "x"]), points[:, [3, 0]])
+
+
+# .bin, .npy, .npz written with numpy.
+
+
+def test_bin_matches_numpy(tmp_path):
+  points = _points(num_features=5)
+  points.astype("<f4").tofile(tmp_path / "sweep.bin")
+  out = read_points(tmp_path / "sweep.bin", 5)
+  assert out.dtype == np.float32 and out.shape == (50, 5)
+  np.testing.assert_array_equal(out, points)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int16, np.uint8, np.float16])
+def test_npy_casts(tmp_path, dtype):
+  array = (np.arange(24).reshape(8, 3) % 7).astype(dtype)
+  np.save(tmp_path / "a.npy", array)
+  out = read_points(tmp_path / "a.npy")
+  assert out.dtype == np.float32
+  np.testing.assert_array_equal(out, array.astype(np.float32))
+
+
+def test_npz_keys(tmp_path):
+  a, b = _points(seed=1), _points(num_features=3, seed=2)
+  np.savez(tmp_path / "one.npz", cloud=a)
+  np.savez(tmp_path / "named.npz", points=a, labels=np.arange(50))
+  np.savez(tmp_path / "two.npz", a=a, b=b)
+  np.testing.assert_array_equal(read_points(tmp_path / "one.npz"), a)  # the only array
+  np.testing.assert_array_equal(read_points(tmp_path / "named.npz"), a)  # "points"
+  np.testing.assert_array_equal(read_points(tmp_path / "two.npz", key="b"), b)
+  with pytest.raises(ValueError, match=r"two.npz: no array 'points'; pass key= one of \['a', 'b'\]"):
+    read_points(tmp_path / "two.npz")
+  with pytest.raises(ValueError, match=r"no array 'c'; pass key= one of \['a', 'b'\]"):
+    read_points(tmp_path / "two.npz", key="c")
+  with pytest.raises(
+    ValueError, match=r"named.npz\['labels'\] must be a 2-D real array \[P, F\], got int64 \(50,\)"
+  ):
+    read_points(tmp_path / "named.npz", key="labels")
+
+
+# .pcd files built byte by byte.
+
+
+def test_pcd_binary_mixed_types(tmp_path):
+  rows, expected, _ = _mixed_record(40)
+  (tmp_path / "mixed.pcd").write_bytes(_mixed_header(40, "binary") + rows.tobytes())
+  out = read_points(tmp_path / "mixed.pcd")
+  assert out.shape == (40, 14) and out.dtype == np.float32
+  np.testing.assert_array_equal(out, expected)
+
+
+def test_pcd_ascii_mixed_types(tmp_path):
+  rows, expected, _ = _mixed_record(40, seed=1)
+  lines = [
+    " ".join(repr(v) for v in row)
+    for row in np.concatenate([rows[n].astype(object) for n in rows.dtype.names], 1)
+  ]
+  (tmp_path / "mixed.pcd").write_bytes(_mixed_header(40, "ascii") + ("\n".join(lines) + "\n").encode())
+  np.testing.assert_array_equal(read_points(tmp_path / "mixed.pcd"), expected)
+
+
+def test_pcd_binary_compressed(tmp_path):
+  rows, expected, _ = _mixed_record(300, seed=2)
+  rows["c0"][100:200] = 0  # runs, so the stream has overlapping back references
+  expected[100:200, 0] = 0
+  # Structure of arrays: each field for all points, then the next field; PCL's writer (and reader,
+  # pcd_io.cpp "Unpack the xxyyzz to xyz") leaves the padding field "_" out.
+  stored = [f"c{i}" for i, (name, _, _) in enumerate(MIXED) if name != "_"]
+  raw = b"".join(np.ascontiguousarray(rows[name]).tobytes() for name in stored)
+  body = _lzf_compress(raw)
+  assert len(body) < len(raw) - 1000  # back references were used
+  size = np.array([len(body), len(raw)], "<u4").tobytes()
+  (tmp_path / "c.pcd").write_bytes(_mixed_header(300, "binary_compressed") + size + body)
+  np.testing.assert_array_equal(read_points(tmp_path / "c.pcd"), expected)
+
+
+@pytest.mark.parametrize(
+  "body",
+  [
+    b"\x01aa\x80\x00\x01aa",  # liblzf's lzf_compress (python-lzf 0.2.6) of 10 x "a"
+    b"\x00a\xe0\x00\x00",  # the literal "a", then 9 bytes from 1 back (length byte 9 - 2 - 7 = 0)
+  ],
+  ids=["liblzf", "extended-length"],
+)
+def test_pcd_binary_compressed_known_stream(tmp_path, body):
+  # Both streams decode to 10 x "a" with liblzf's lzf_decompress; here one uint8 field of 10 points.
+  header = _pcd_header(["v"], [1], ["U"], [1], 10, "binary_compressed")
+  (tmp_path / "a.pcd").write_bytes(header + np.array([len(body), 10], "<u4").tobytes() + body)
+  np.testing.assert_array_equal(read_points(tmp_path / "a.pcd"), np.full((10, 1), ord("a"), np.float32))
+
+
+def test_pcd_fields_select_and_count(tmp_path):
+  rows, expected, names = _mixed_record(10)
+  (tmp_path / "mixed.pcd").write_bytes(_mixed_header(10, "binary") + rows.tobytes())
+  out = read_points(tmp_path / "mixed.pcd", fields=["x", "y", "z", "intensity"])
+  np.testing.assert_array_equal(out, expected[:, :4])
+  normal = [i for i, name in enumerate(names) if name == "normal"]
+  assert len(normal) == 3  # COUNT 3: three columns
+  np.testing.assert_array_equal(read_points(tmp_path / "mixed.pcd", fields=["normal"]), expected[:, normal])
+
+
+def test_pcd_organized_crlf_no_count(tmp_path):
+  # An organized 3 x 2 cloud with NaN points, CRLF line ends and no COUNT line (COUNT defaults to 1).
+  points = np.array([[1, 2, 3], [np.nan] * 3, [4, 5, 6], [7, 8, 9], [np.nan] * 3, [0, -1, 1.5]], np.float32)
+  header = [
+    "VERSION .7",
+    "FIELDS x y z",
+    "SIZE 4 4 4",
+    "TYPE F F F",
+    "WIDTH 3",
+    "HEIGHT 2",
+    "POINTS 6",
+    "DATA binary",
+  ]
+  (tmp_path / "o.pcd").write_bytes("".join(line + "\r\n" for line in header).encode() + points.tobytes())
+  np.testing.assert_array_equal(read_points(tmp_path / "o.pcd"), points)
+
+
+# .ply via plyfile.
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_ply_mixed_properties(tmp_path, text):
+  plyfile = pytest.importorskip("plyfile")
+  rng = np.random.default_rng(3)
+  # x, y, z are not first in the file: the reader puts them first, then the others in file order.
+  vertex = np.zeros(
+    20, [("red", "u1"), ("x", "f8"), ("y", "f4"), ("z", "f4"), ("intensity", "u2"), ("t", "i4")]
+  )
+  for name in vertex.dtype.names:
+    vertex[name] = rng.uniform(0, 200, 20)
+  face = np.array([([0, 1, 2],)], [("vertex_indices", "i4", (3,))])
+  plyfile.PlyData(
+    [plyfile.PlyElement.describe(vertex, "vertex"), plyfile.PlyElement.describe(face, "face")], text=text
+  ).write(str(tmp_path / "m.ply"))
+  order = ["x", "y", "z", "red", "intensity", "t"]
+  expected = np.stack([vertex[name].astype(np.float32) for name in order], axis=1)
+  np.testing.assert_array_equal(read_points(tmp_path / "m.ply"), expected)
+  np.testing.assert_array_equal(read_points(tmp_path / "m.ply", fields=["t", "x"]), expected[:, [5, 0]])
+  with pytest.raises(ValueError, match=r"m.ply: no field 'nx'; it has x, y, z, red, intensity, t"):
+    read_points(tmp_path / "m.ply", fields=["x", "nx"])
+
+
+def test_ply_write_fields(tmp_path):
+  plyfile = pytest.importorskip("plyfile")
+  points = _points(num_features=4)
+  write_points(tmp_path / "w.ply", points, fields=["x", "y", "z", "intensity"], binary=False)
+  vertex = plyfile.PlyData.read(str(tmp_path / "w.ply"))["vertex"]
+  assert [p.name for p in vertex.properties] == ["x", "y", "z", "intensity"]
+  np.testing.assert_array_equal(vertex["intensity"], points[:, 3])
+
+
+def test_ply_truncated(tmp_path):
+  pytest.importorskip("plyfile")
+  write_points(tmp_path / "t.ply", _points())
+  data = (tmp_path / "t.ply").read_bytes()
+  (tmp_path / "t.ply").write_bytes(data[:-10])
+  with pytest.raises(ValueError, match=r"t.ply: not a readable PLY file"):
+    read_points(tmp_path / "t.ply")
+  write_points(tmp_path / "x.pcd", _points())
+  (tmp_path / "x.ply").write_bytes((tmp_path / "x.pcd").read_bytes())
+  with pytest.raises(ValueError, match=r"x.ply: not a readable PLY file"):
+    read_points(tmp_path / "x.ply")
+
+
+def test_ply_without_vertex(tmp_path):
+  plyfile = pytest.importorskip("plyfile")
+  element = plyfile.PlyElement.describe(np.zeros(2, [("a", "f4")]), "camera")
+  plyfile.PlyData([element]).write(str(tmp_path / "c.ply"))
+  with pytest.raises(ValueError, match=r"c.ply: no 'vertex' element; it has \['camera'\]"):
+    read_points(tmp_path / "c.ply")
+
+
+@pytest.mark.parametrize(
+  ("suffix", "module", "hint"),
+  [(".ply", "plyfile", "pip install plyfile"), (".las", "laspy", "pip install 'laspy")],
+)
+def test_missing_optional_dependency(tmp_path, monkeypatch, suffix, module, hint):
+  (tmp_path / f"a{suffix}").write_bytes(b"ply\n")
+  monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+  with pytest.raises(ImportError, match=f"a{suffix} needs {module}: {hint}"):
+    read_points(tmp_path / f"a{suffix}")
+
+
+# .las / .laz via laspy.
+
+
+@pytest.mark.parametrize("suffix", [".las", ".laz"])
+def test_las(tmp_path, suffix):
+  laspy = pytest.importorskip("laspy")
+  if suffix == ".laz":
+    pytest.importorskip("lazrs")
+  rng = np.random.default_rng(4)
+  header = laspy.LasHeader(point_format=3, version="1.2")
+  header.scales, header.offsets = np.array([0.01, 0.01, 0.001]), np.array([100.0, -50.0, 0.0])
+  las = laspy.LasData(header)
+  xyz = np.round(rng.uniform(-20, 20, (30, 3)), 2)
+  las.x, las.y, las.z = xyz[:, 0] + 100, xyz[:, 1] - 50, xyz[:, 2]
+  las.intensity = rng.integers(0, 65535, 30).astype(np.uint16)
+  las.classification = rng.integers(0, 20, 30).astype(np.uint8)
+  las.write(str(tmp_path / f"a{suffix}"))
+  expected = np.c_[xyz + [100, -50, 0], las.intensity].astype(np.float32)
+  np.testing.assert_allclose(read_points(tmp_path / f"a{suffix}"), expected, rtol=0, atol=1e-4)
+  out = read_points(tmp_path / f"a{suffix}", fields=["classification", "z"])
+  np.testing.assert_allclose(out, np.c_[las.classification, xyz[:, 2]].astype(np.float32), atol=1e-4)
+  with pytest.raises(ValueError, match=r"no field 'nir'; it has "):
+    read_points(tmp_path / f"a{suffix}", fields=["x", "nir"])
+
+
+def test_las_corrupt(tmp_path):
+  pytest.importorskip("laspy")
+  (tmp_path / "bad.las").write_bytes(b"LASF" + bytes(20))
+  with pytest.raises(ValueError, match=r"bad.las: not a readable LAS file"):
+    read_points(tmp_path / "bad.las")
+  (tmp_path / "bad.las").write_bytes(b"not a las file at all" * 20)
+  with pytest.raises(ValueError, match=r"bad.las: not a readable LAS file"):
+    read_points(tmp_path / "bad.las")
+
+
+# Real scans (../shared/data, see its README): shapes and value ranges from the README's table.
+
+SCANS = {
+  "kitti_000008.bin": (17238, 4, {0: (2.9, 76.8), 1: (-26.4, 10.3), 2: (-3.6, 2.9), 3: (0, 1)}),
+  "nuscenes_lidar_top.bin": (34688, 5, {0: (-58, 97), 1: (-96, 99), 2: (-3.4, 19), 3: (0, 255)}),
+  "scannet_scene0000_00.bin": (40684, 6, {3: (0, 255), 4: (0, 255), 5: (0, 255)}),
+  "sunrgbd_000017.bin": (50000, 6, {3: (0, 1), 4: (0, 1), 5: (0, 1)}),
+}
+EXTENTS = {"scannet_scene0000_00.bin": (8.4, 8.7, 3.0), "sunrgbd_000017.bin": (6.6, 7.1, 3.1)}
+
+
+@pytest.mark.parametrize("name", list(SCANS))
+def test_real_scans(shared_data, name, tmp_path):
+  num_points, num_features, ranges = SCANS[name]
+  points = read_points(shared_data / name, num_features)
+  assert points.shape == (num_points, num_features) and points.dtype == np.float32
+  assert np.isfinite(points).all()
+  for column, (low, high) in ranges.items():
+    # The README rounds to 0.1 (or to the nearest metre for nuScenes): allow half a unit.
+    slack = 0.5 if name.startswith("nuscenes") and column < 3 else 0.05
+    assert low - slack <= points[:, column].min() and points[:, column].max() <= high + slack, column
+  if name in EXTENTS:
+    np.testing.assert_allclose(np.ptp(points[:, :3], axis=0), EXTENTS[name], atol=0.05)
+  if name.startswith("nuscenes"):
+    assert set(np.unique(points[:, 4])) <= set(range(32))  # ring: 32 beams
+  # The same points through every writable format.
+  expected = np.fromfile(shared_data / name, np.float32).reshape(-1, num_features)
+  for suffix in (".pcd", ".npz"):
+    write_points(tmp_path / f"scan{suffix}", points)
+    np.testing.assert_array_equal(read_points(tmp_path / f"scan{suffix}"), expected)
+
+
+def test_kitti_wrong_num_features(shared_data):
+  with pytest.raises(ValueError, match=r"275808 bytes .* num_features=5 .* counts that fit: \[3, 4, 6, 8\]"):
+    read_points(shared_data / "kitti_000008.bin", 5)
+
+
+# Error paths.
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+  (tmp_path / "scan.xyz").write_text("1 2 3\n")
+  with pytest.raises(
+    ValueError, match=r"scan.xyz: unknown point-cloud suffix '.xyz'; read_points reads .bin, .npy"
+  ):
+    read_points(tmp_path / "scan.xyz")
+  with pytest.raises(FileNotFoundError, match=r"nope.pcd: no such file"):
+    read_points(tmp_path / "nope.pcd")
+  with pytest.raises(FileNotFoundError, match=r"dir.bin: no such file"):
+    (tmp_path / "dir.bin").mkdir()
+    read_points(tmp_path / "dir.bin", 4)
+
+
+def test_bin_errors(tmp_path):
+  np.arange(10, dtype=np.float32).tofile(tmp_path / "s.bin")
+  message = (
+    r"s.bin: 40 bytes is not a whole number of points of num_features=4 float32 columns \(16 bytes each\); "
+    r"counts that fit: \[5\]\. KITTI scans have num_features=4, nuScenes sweeps num_features=5"
+  )
+  with pytest.raises(ValueError, match=message):
+    read_points(tmp_path / "s.bin", 4)
+  with pytest.raises(
+    ValueError,
+    match=r"s.bin: a raw .bin file does not record its column count: pass num_features \(4 for KITTI",
+  ):
+    read_points(tmp_path / "s.bin")
+  with pytest.raises(ValueError, match=r"num_features must be a positive int, got 0"):
+    read_points(tmp_path / "s.bin", 0)
+  with pytest.raises(ValueError, match=r"num_features must be a positive int, got 4.0"):
+    read_points(tmp_path / "s.bin", 4.0)
+  np.arange(11, dtype=np.float32).tofile(tmp_path / "p.bin")  # 44 bytes: no count in 3..8 fits
+  with pytest.raises(ValueError, match=r"44 bytes .* counts that fit: none \(truncated file\?\)"):
+    read_points(tmp_path / "p.bin", 4)
+
+
+def test_argument_errors(tmp_path):
+  points = _points()
+  write_points(tmp_path / "s.npy", points)
+  write_points(tmp_path / "s.pcd", points)
+  with pytest.raises(ValueError, match=r"s.npy: has 4 columns, num_features=5 was expected"):
+    read_points(tmp_path / "s.npy", 5)
+  with pytest.raises(
+    ValueError, match=r"s.npy: .npy columns have no names, so fields=\['x'\] cannot select them"
+  ):
+    read_points(tmp_path / "s.npy", fields=["x"])
+  with pytest.raises(ValueError, match=r"s.pcd: key='points' applies to .npz files only"):
+    read_points(tmp_path / "s.pcd", key="points")
+  with pytest.raises(ValueError, match=r"s.pcd: no field 'intensity'; it has x, y, z, f3"):
+    read_points(tmp_path / "s.pcd", fields=["intensity"])
+  np.save(tmp_path / "flat.npy", np.arange(5.0))
+  with pytest.raises(ValueError, match=r"flat.npy must be a 2-D real array \[P, F\], got float64 \(5,\)"):
+    read_points(tmp_path / "flat.npy")
+  (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY garbage")
+  with pytest.raises(ValueError, match=r"junk.npy: not a readable .npy file"):
+    read_points(tmp_path / "junk.npy")
+  write_points(tmp_path / "cut.npz", points)
+  (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:100])
+  with pytest.raises(ValueError, match=r"cut.npz: not a readable .npz file"):
+    read_points(tmp_path / "cut.npz")
+
+
+def test_write_errors(tmp_path):
+  points = _points()
+  with pytest.raises(
+    ValueError, match=r"s.txt: write_points writes .bin, .npy, .npz, .ply, .pcd, not '.txt'"
+  ):
+    write_points(tmp_path / "s.txt", points)
+  with pytest.raises(ValueError, match=r"s.pcd: 3 fields \['x', 'y', 'z'\] for 4 columns"):
+    write_points(tmp_path / "s.pcd", points, fields=["x", "y", "z"])
+  with pytest.raises(ValueError, match=r"fields must be non-empty names without spaces"):
+    write_points(tmp_path / "s.pcd", points, fields=["x", "y", "z", "in tensity"])
+  with pytest.raises(ValueError, match=r"fields \['x', 'y', 'x', 'i'\] has duplicates"):
+    write_points(tmp_path / "s.pcd", points, fields=["x", "y", "x", "i"])
+  with pytest.raises(ValueError, match=r"s.npy: fields and binary=False apply to .ply and .pcd only"):
+    write_points(tmp_path / "s.npy", points, binary=False)
+  with pytest.raises(
+    ValueError, match=r"s.bin: points must be a 2-D real array \[P, F\], got float32 \(4,\)"
+  ):
+    write_points(tmp_path / "s.bin", points[0])
+  assert not list(tmp_path.iterdir())  # no partial files
+
+
+def _good_header(**changes):
+  lines = {"FIELDS": "x y z", "SIZE": "4 4 4", "TYPE": "F F F", "COUNT": "1 1 1", "WIDTH": "2"}
+  lines |= {"HEIGHT": "1", "VIEWPOINT": "0 0 0 1 0 0 0", "POINTS": "2", "DATA": "ascii"}
+  lines |= changes
+  return "".join(f"{k} {v}\n" for k, v in lines.items() if v is not None).encode()
+
+
+@pytest.mark.parametrize(
+  ("header", "message"),
+  [
+    (b"\x89\xfe\x00binary\n", r"not a PCD file \(binary bytes before the DATA line\)"),
+    (b"ply\nformat ascii 1.0\n", r"not a PCD header line: 'ply' \(keys are VERSION, FIELDS"),
+    (_good_header(DATA=None), r"the PCD header ends without a DATA line"),
+    (_good_header(SIZE=None), r"the PCD header has no SIZE line"),
+    (_good_header(SIZE="4 4 four"), r"PCD SIZE must be integers, got 4 4 four"),
+    (_good_header(WIDTH="-2"), r"PCD WIDTH must not be negative, got -2"),
+    (_good_header(TYPE="F F"), r"PCD FIELDS, SIZE, TYPE and COUNT need one entry per field, got 3, 3, 2, 3"),
+    (_good_header(TYPE="F F D"), r"PCD field 'z' has TYPE D SIZE 4; F takes 2, 4, 8, I and U 1, 2, 4, 8"),
+    (_good_header(SIZE="4 4 3"), r"PCD field 'z' has TYPE F SIZE 3"),
+    (_good_header(POINTS="3"), r"PCD POINTS 3 is not WIDTH 2 x HEIGHT 1"),
+    (_good_header(FIELDS="x y x"), r"PCD FIELDS repeats x \(only padding '_' may repeat\)"),
+    (_good_header(POINTS=None, WIDTH=None), r"the PCD header has neither POINTS nor WIDTH"),
+    (
+      _good_header(DATA="binary_lz4"),
+      r"PCD DATA 'binary_lz4' is not one of ascii, binary, binary_compressed",
+    ),
+  ],
+  ids=["binary", "ply", "no-DATA", "no-SIZE", "SIZE-text", "WIDTH-negative", "TYPE-short", "TYPE-D"]
+  + ["SIZE-3", "POINTS-mismatch", "FIELDS-repeat", "no-POINTS-WIDTH", "DATA-unknown"],
+)
+def test_pcd_corrupt_header(tmp_path, header, message):
+  (tmp_path / "bad.pcd").write_bytes(header + (b"1 2 3\n4 5 6\n" if b"DATA" in header else b""))
+  with pytest.raises(ValueError, match=r"bad.pcd: " + message):
+    read_points(tmp_path / "bad.pcd")
+
+
+def test_pcd_good_header_reads(tmp_path):
+  # The base of the corrupt-header cases is itself valid.
+  (tmp_path / "good.pcd").write_bytes(_good_header() + b"1 2 3\n4 5 6\n")
+  np.testing.assert_array_equal(read_points(tmp_path / "good.pcd"), [[1, 2, 3], [4, 5, 6]])
+
+
+def test_pcd_truncated(tmp_path):
+  points = _points()
+  write_points(tmp_path / "b.pcd", points)
+  data = (tmp_path / "b.pcd").read_bytes()
+  (tmp_path / "b.pcd").write_bytes(data[:-5])
+  with pytest.raises(
+    ValueError, match=r"b.pcd: PCD binary data is 795 bytes, 50 points x 16 bytes = 800 expected"
+  ):
+    read_points(tmp_path / "b.pcd")
+  (tmp_path / "a.pcd").write_bytes(_good_header() + b"1 2 3\n4 5\n")
+  with pytest.raises(
+    ValueError, match=r"a.pcd: PCD ascii data holds 5 values, POINTS x columns = 6 expected"
+  ):
+    read_points(tmp_path / "a.pcd")
+  (tmp_path / "n.pcd").write_bytes(_good_header() + b"1 2 3\n4 5 six\n")
+  with pytest.raises(ValueError, match=r"n.pcd: PCD ascii data holds a value that is not a number"):
+    read_points(tmp_path / "n.pcd")
+
+
+def _compressed_pcd(path, sizes, body):
+  header = _pcd_header(["v"], [1], ["U"], [1], 10, "binary_compressed")
+  path.write_bytes(header + np.array(sizes, "<u4").tobytes() + body)
+
+
+@pytest.mark.parametrize(
+  ("sizes", "body", "message"),
+  [
+    (None, b"", r"ends before its 8-byte size header"),
+    ([9, 10], b"\x00a\xe0\x00\x00", r"is 5 bytes, its header says 9 \(truncated\?\)"),
+    (
+      [5, 10],
+      b"\x00a\xe0\x00\x01",
+      r"is corrupt \(the back reference at byte 2 points before the start of the output\)",
+    ),
+    ([4, 10], b"\x00a\xe0\x00", r"is corrupt \(the input ends inside a back reference\)"),
+    ([3, 10], b"\x05abc", r"is corrupt \(the literal run of 6 bytes at byte 0 passes the end of the input\)"),
+    ([5, 11], b"\x00a\xe0\x00\x00", r"is corrupt \(it decodes to 10 bytes, its header says 11\)"),
+    ([2, 1], b"\x00a", r"holds 1 bytes, 10 points need 10"),
+  ],
+  ids=["no-sizes", "truncated", "bad-offset", "cut-reference", "cut-literal", "short-output", "short-data"],
+)
+def test_pcd_compressed_corrupt(tmp_path, sizes, body, message):
+  if sizes is None:
+    (tmp_path / "c.pcd").write_bytes(_pcd_header(["v"], [1], ["U"], [1], 10, "binary_compressed") + b"\x01")
+  else:
+    _compressed_pcd(tmp_path / "c.pcd", sizes, body)
+  with pytest.raises(ValueError, match=r"c.pcd: PCD binary_compressed data " + message):
+    read_points(tmp_path / "c.pcd")
+
+
+def test_upper_case_suffix(tmp_path):
+  points = _points()
+  for suffix in (".NPY", ".NPZ", ".BIN", ".PCD"):
+    write_points(tmp_path / f"s{suffix}", points)
+    np.testing.assert_array_equal(read_points(tmp_path / f"s{suffix}", 4), points)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["s.BIN", "s.NPY", "s.NPZ", "s.PCD"]
+
+
+def test_pathlike_and_str(tmp_path):
+  points = _points()
+  write_points(str(tmp_path / "s.npz"), points)
+  np.testing.assert_array_equal(read_points(str(tmp_path / "s.npz")), points)
+  np.testing.assert_array_equal(read_points(pathlib.PurePath(tmp_path / "s.npz")), points)
