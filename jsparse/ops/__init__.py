@@ -17,3 +17,4 @@ from jsparse.ops._kmap import make_spec as make_spec
 from jsparse.ops._kmap import map_for_outputs as map_for_outputs
 from jsparse.ops._kmap import ntuple as ntuple
 from jsparse.ops._kmap import output_sites as output_sites
+from jsparse.ops._voxelize import voxelize as voxelize

@@ -1,0 +1,284 @@
+// Point-cloud voxelization on CPU (jsparse.ops.voxelize): spconv 2.3's PointToVoxel, jittable.
+//
+// One handler call, two parts:
+// 1. Serial, in the handler: every point's cell (float32 (p - min) / vsize, floored, per axis),
+//    then first-come voxel ids from an open-addressing table of packed cell keys. Voxel ids are
+//    the order in which points open voxels, an inherently sequential rule; the table is small
+//    (about 2 slots per point) and probes are prefetched in groups, so this part is cheap.
+//    Each voxel's stored points (its first max_points, in point order) are listed in scratch.
+// 2. Parallel, on the XLA intra-op pool: tasks over voxel rows copy the listed points, fill the
+//    empty slots (zeros or the voxel's mean) and write the padding rows. Each task writes only
+//    its own rows, so results are bitwise identical for any thread count.
+// Points with a non-finite or out-of-range cell, and rows at or past num_points, get id -1;
+// points that would open a voxel past max_num_voxels get id -1 but are counted in num_voxels.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../common/hash.h"
+#include "../common/registry.h"
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jsparse {
+namespace {
+
+constexpr int kMaxVoxelNdim = 4;
+constexpr uint64_t kEmptyKey = ~0ull;  // cell keys stay below 2**62
+constexpr int64_t kPointGroup = 16;    // points whose table slots are prefetched together
+constexpr int64_t kVoxelsPerTask = 512;
+
+// The static geometry, in the handler's axis order (xyz, as the attributes give it).
+struct VoxelGeometry {
+  int ndim;
+  float vsize[kMaxVoxelNdim];
+  float low[kMaxVoxelNdim];
+  int64_t grid[kMaxVoxelNdim];
+  uint64_t stride[kMaxVoxelNdim];  // key = sum(cell[a] * stride[a]): x fastest, as zyx row-major
+  uint64_t cells;                  // prod(grid)
+};
+
+struct Slot {
+  uint64_t key;
+  int32_t voxel;  // -1: a voxel past max_num_voxels (counted, never stored)
+};
+
+int64_t TableSlots(int64_t entries) {
+  int64_t slots = 16;
+  while (slots < entries + entries / 2) slots *= 2;  // load factor <= 2/3
+  return slots;
+}
+
+// The cell key of `point` (first ndim columns are x, y, ...), or kEmptyKey when it lies outside
+// the grid. The float32 arithmetic is spconv's: floor((p - low) / vsize) per axis. Comparing in
+// float first keeps NaN, inf and huge values from reaching the integer conversion.
+template <int kNdim>
+inline uint64_t CellKey(const VoxelGeometry& g, const float* point, int32_t* cell) {
+  uint64_t key = 0;
+  for (int a = 0; a < kNdim; ++a) {
+    const float q = (point[a] - g.low[a]) / g.vsize[a];
+    if (!(q >= 0.0f && q < 2147483648.0f)) return kEmptyKey;
+    const int64_t c = static_cast<int64_t>(q);  // q >= 0: truncation is floor
+    if (c >= g.grid[a]) return kEmptyKey;
+    cell[a] = static_cast<int32_t>(c);
+    key += static_cast<uint64_t>(c) * g.stride[a];
+  }
+  return key;
+}
+
+// Part 1: ids[i] for every point, coords and counts of the opened voxels (counts must be zero),
+// and members[v * max_points + j], the j-th stored point of voxel v. Returns how many voxels
+// the points open (possibly more than max_voxels).
+template <int kNdim>
+int64_t AssignVoxels(const VoxelGeometry& g, const float* points, int64_t num_rows, int64_t features,
+                     int64_t active, int64_t max_voxels, int64_t max_points, int32_t* ids,
+                     int32_t* coords, int32_t* counts, int32_t* members) {
+  const uint64_t bound = std::min<uint64_t>(static_cast<uint64_t>(active), g.cells);
+  std::vector<Slot> table(TableSlots(static_cast<int64_t>(bound)), Slot{kEmptyKey, 0});
+  const uint64_t mask = table.size() - 1;
+  int64_t opened = 0;
+  uint64_t keys[kPointGroup], slots[kPointGroup];
+  int32_t cells[kPointGroup][kMaxVoxelNdim];
+  std::fill(ids + active, ids + num_rows, -1);  // rows past num_points are padding
+  for (int64_t first = 0; first < active; first += kPointGroup) {
+    const int64_t n = std::min(kPointGroup, active - first);
+    for (int64_t e = 0; e < n; ++e) {
+      keys[e] = CellKey<kNdim>(g, points + (first + e) * features, cells[e]);
+      slots[e] = SiteSlot(keys[e], mask);
+      __builtin_prefetch(table.data() + slots[e]);
+    }
+    for (int64_t e = 0; e < n; ++e) {
+      const int64_t i = first + e;
+      if (keys[e] == kEmptyKey) {
+        ids[i] = -1;
+        continue;
+      }
+      uint64_t s = slots[e];
+      while (table[s].key != keys[e] && table[s].key != kEmptyKey) s = (s + 1) & mask;
+      if (table[s].key == kEmptyKey) {  // this point opens a voxel
+        const int32_t v = opened < max_voxels ? static_cast<int32_t>(opened) : -1;
+        table[s] = Slot{keys[e], v};
+        ++opened;
+        // Coordinates in zyx order: the reverse of the xyz axes.
+        if (v >= 0) {
+          for (int a = 0; a < kNdim; ++a) coords[int64_t{v} * kNdim + (kNdim - 1 - a)] = cells[e][a];
+        }
+      }
+      const int32_t v = table[s].voxel;
+      ids[i] = v;
+      if (v >= 0 && counts[v] < max_points) members[int64_t{v} * max_points + counts[v]++] = int32_t(i);
+    }
+  }
+  return opened;
+}
+
+// Part 2 for voxel rows [begin, end): stored points, then empty slots (zeros, or the mean of the
+// stored points summed in slot order); rows at or past `used` are padding.
+void FillVoxels(const float* points, int64_t features, int64_t max_points, int64_t ndim, bool empty_mean,
+                int64_t used, const int32_t* counts, const int32_t* members, int64_t begin, int64_t end,
+                float* voxels, int32_t* coords) {
+  std::vector<float> mean(features);
+  for (int64_t v = begin; v < end; ++v) {
+    float* row = voxels + v * max_points * features;
+    if (v >= used) {
+      std::fill(row, row + max_points * features, 0.0f);
+      std::fill(coords + v * ndim, coords + (v + 1) * ndim, -1);
+      continue;
+    }
+    const int64_t count = counts[v];
+    for (int64_t j = 0; j < count; ++j) {
+      std::memcpy(row + j * features, points + int64_t{members[v * max_points + j]} * features,
+                  features * sizeof(float));
+    }
+    if (count == max_points) continue;
+    if (!empty_mean) {
+      std::fill(row + count * features, row + max_points * features, 0.0f);
+      continue;
+    }
+    std::fill(mean.begin(), mean.end(), 0.0f);
+    for (int64_t j = 0; j < count; ++j) {
+      for (int64_t k = 0; k < features; ++k) mean[k] += row[j * features + k];
+    }
+    for (int64_t k = 0; k < features; ++k) mean[k] /= static_cast<float>(count);
+    for (int64_t j = count; j < max_points; ++j) std::copy(mean.begin(), mean.end(), row + j * features);
+  }
+}
+
+std::string DimsString(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t d = 0; d < dims.size(); ++d) s += (d ? ", " : "") + std::to_string(dims[d]);
+  return s + "]";
+}
+
+// Checks the attributes and fills `g`; returns an error message or an empty string.
+std::string MakeGeometry(const std::string& op, ffi::Span<const float> vsize, ffi::Span<const float> low,
+                         ffi::Span<const int64_t> grid, VoxelGeometry* g) {
+  const size_t ndim = vsize.size();
+  if (ndim < 2 || ndim > kMaxVoxelNdim) {
+    return op + "voxel_size must have 2 to 4 entries (x, y[, z[, t]]), got " + std::to_string(ndim);
+  }
+  if (low.size() != ndim || grid.size() != ndim) {
+    return op + "range_min and grid_size need one entry per voxel_size entry (" + std::to_string(ndim) + ")";
+  }
+  g->ndim = static_cast<int>(ndim);
+  double cells = 1;
+  uint64_t stride = 1;
+  for (size_t a = 0; a < ndim; ++a) {
+    if (!(vsize[a] > 0.0f) || !std::isfinite(vsize[a]) || !std::isfinite(low[a])) {
+      return op + "voxel_size must be positive and finite and range_min finite on every axis";
+    }
+    if (grid[a] < 1 || grid[a] > INT32_MAX) {
+      return op + "grid_size must be in [1, 2**31 - 1] on every axis, got " + DimsString(grid);
+    }
+    g->vsize[a] = vsize[a];
+    g->low[a] = low[a];
+    g->grid[a] = grid[a];
+    g->stride[a] = stride;
+    stride *= static_cast<uint64_t>(grid[a]);
+    cells *= static_cast<double>(grid[a]);
+  }
+  if (cells >= 4.0e18) return op + "the grid " + DimsString(grid) + " has more cells than 64-bit keys hold";
+  g->cells = stride;
+  return {};
+}
+
+ffi::Future Voxelize(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer num_points,
+                     ffi::Span<const float> vsize, ffi::Span<const float> low, ffi::Span<const int64_t> grid,
+                     int64_t empty_mean, ffi::Result<ffi::AnyBuffer> voxels_out,
+                     ffi::Result<ffi::AnyBuffer> coords_out, ffi::Result<ffi::AnyBuffer> counts_out,
+                     ffi::Result<ffi::AnyBuffer> ids_out, ffi::Result<ffi::AnyBuffer> num_voxels_out) {
+  const std::string op = "jsparse_voxelize: ";
+  auto g = std::make_shared<VoxelGeometry>();
+  std::string message = MakeGeometry(op, vsize, low, grid, g.get());
+  const auto pd = points.dimensions();
+  const auto vd = voxels_out->dimensions();
+  if (message.empty() && (points.element_type() != ffi::F32 || pd.size() != 2 || pd[1] < g->ndim)) {
+    message = op + "points must be float32 [P, F] with F >= " + std::to_string(g->ndim) +
+              " (coordinates first), got shape " + DimsString(pd);
+  }
+  if (message.empty() && pd[0] > INT32_MAX) message = op + "more points than int32 ids reach";
+  if (message.empty() && (num_points.element_type() != ffi::S32 || num_points.dimensions().size() != 0)) {
+    message = op + "num_points must be an int32 scalar";
+  }
+  if (message.empty() && (voxels_out->element_type() != ffi::F32 || vd.size() != 3 || vd[0] < 1 ||
+                          vd[1] < 1 || vd[2] != pd[1] || vd[0] > INT32_MAX)) {
+    message = op + "voxels must be float32 [max_num_voxels, max_num_points_per_voxel, F] with both " +
+              "maxima >= 1 and F = " + std::to_string(pd[1]) + ", got shape " + DimsString(vd);
+  }
+  if (message.empty()) {
+    const auto cd = coords_out->dimensions();
+    const auto nd = counts_out->dimensions();
+    const auto id = ids_out->dimensions();
+    if (coords_out->element_type() != ffi::S32 || cd.size() != 2 || cd[0] != vd[0] || cd[1] != g->ndim ||
+        counts_out->element_type() != ffi::S32 || nd.size() != 1 || nd[0] != vd[0] ||
+        ids_out->element_type() != ffi::S32 || id.size() != 1 || id[0] != pd[0] ||
+        num_voxels_out->element_type() != ffi::S32 || num_voxels_out->dimensions().size() != 0) {
+      message = op + "outputs must be int32 coords [V, ndim], counts [V], pc_voxel_id [P], num_voxels []";
+    }
+  }
+  if (!message.empty()) return InvalidArgumentFuture(message);
+
+  const int64_t num_rows = pd[0];
+  const int64_t features = pd[1];
+  const int64_t max_voxels = vd[0];
+  const int64_t max_points = vd[1];
+  const int64_t active = std::clamp<int64_t>(*num_points.typed_data<int32_t>(), 0, num_rows);
+  const float* pts = points.typed_data<float>();
+  float* voxels = voxels_out->typed_data<float>();
+  int32_t* coords = coords_out->typed_data<int32_t>();
+  int32_t* counts = counts_out->typed_data<int32_t>();
+  // Only the first min(P, V) voxels can be opened: the member lists need no more rows.
+  const int64_t member_rows = std::min(max_voxels, active);
+  std::shared_ptr<int32_t[]> members(new int32_t[std::max<int64_t>(1, member_rows * max_points)]);
+  std::memset(counts, 0, max_voxels * sizeof(int32_t));
+  int64_t opened = 0;
+  switch (g->ndim) {
+    case 2:
+      opened = AssignVoxels<2>(*g, pts, num_rows, features, active, max_voxels, max_points,
+                               ids_out->typed_data<int32_t>(), coords, counts, members.get());
+      break;
+    case 3:
+      opened = AssignVoxels<3>(*g, pts, num_rows, features, active, max_voxels, max_points,
+                               ids_out->typed_data<int32_t>(), coords, counts, members.get());
+      break;
+    default:
+      opened = AssignVoxels<4>(*g, pts, num_rows, features, active, max_voxels, max_points,
+                               ids_out->typed_data<int32_t>(), coords, counts, members.get());
+  }
+  *num_voxels_out->typed_data<int32_t>() = static_cast<int32_t>(std::min<int64_t>(opened, INT32_MAX));
+  const int64_t used = std::min(opened, max_voxels);
+  const int64_t ndim = g->ndim;
+  const bool mean = empty_mean != 0;
+  return ParallelFor(pool, (max_voxels + kVoxelsPerTask - 1) / kVoxelsPerTask, [=](int64_t task) {
+    const int64_t begin = task * kVoxelsPerTask;
+    FillVoxels(pts, features, max_points, ndim, mean, used, counts, members.get(), begin,
+               std::min(max_voxels, begin + kVoxelsPerTask), voxels, coords);
+  });
+}
+
+}  // namespace
+}  // namespace jsparse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparseVoxelizeCpu, jsparse::Voxelize,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()                    // the XLA intra-op pool (parallel over voxel rows)
+        .Arg<ffi::AnyBuffer>()                     // points [P, F] float32, x, y[, z[, t]] first
+        .Arg<ffi::AnyBuffer>()                     // num_points [] int32: rows past it are padding
+        .Attr<ffi::Span<const float>>("voxel_size")  // [ndim] float32, xyz order
+        .Attr<ffi::Span<const float>>("range_min")   // [ndim] float32, xyz order
+        .Attr<ffi::Span<const int64_t>>("grid_size")  // [ndim], xyz order
+        .Attr<int64_t>("empty_mean")               // 1: empty slots hold the voxel's mean
+        .Ret<ffi::AnyBuffer>()                     // voxels [V, M, F] float32
+        .Ret<ffi::AnyBuffer>()                     // coords [V, ndim] int32, zyx order, -1 rows padding
+        .Ret<ffi::AnyBuffer>()                     // num_points_per_voxel [V] int32
+        .Ret<ffi::AnyBuffer>()                     // pc_voxel_id [P] int32, -1 when not voxelized
+        .Ret<ffi::AnyBuffer>());                   // num_voxels [] int32, may exceed V
+
+JSPARSE_REGISTER_FFI_TARGET("jsparse_voxelize", JsparseVoxelizeCpu);
