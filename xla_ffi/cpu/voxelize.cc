@@ -5,10 +5,12 @@
 //    then first-come voxel ids from an open-addressing table of packed cell keys. Voxel ids are
 //    the order in which points open voxels, an inherently sequential rule; the table is small
 //    (about 2 slots per point) and probes are prefetched in groups, so this part is cheap.
-//    Each voxel's stored points (its first max_points, in point order) are listed in scratch.
-// 2. Parallel, on the XLA intra-op pool: tasks over voxel rows copy the listed points, fill the
-//    empty slots (zeros or the voxel's mean) and write the padding rows. Each task writes only
-//    its own rows, so results are bitwise identical for any thread count.
+// 2. Parallel, on the XLA intra-op pool: each task owns a range of the used voxel rows and a
+//    range of the padding rows. It scans the point ids in order and copies the points of its
+//    rows into their next free slot (so each voxel keeps its first max_points points), then
+//    fills the empty slots (zeros or the voxel's mean) and writes its padding rows. A row's
+//    content depends only on the point order, so results are bitwise identical for any thread
+//    count.
 // Points with a non-finite or out-of-range cell, and rows at or past num_points, get id -1;
 // points that would open a voxel past max_num_voxels get id -1 but are counted in num_voxels.
 #include <algorithm>
@@ -31,8 +33,8 @@ namespace {
 
 constexpr int kMaxVoxelNdim = 4;
 constexpr uint64_t kEmptyKey = ~0ull;  // cell keys stay below 2**62
-constexpr int64_t kPointGroup = 16;    // points whose table slots are prefetched together
-constexpr int64_t kVoxelsPerTask = 512;
+constexpr int64_t kPointGroup = 32;    // points whose table slots are prefetched together
+constexpr int64_t kMinRowsPerTask = 1024;  // fewer rows are not worth a task
 
 // The static geometry, in the handler's axis order (xyz, as the attributes give it).
 struct VoxelGeometry {
@@ -44,10 +46,43 @@ struct VoxelGeometry {
   uint64_t cells;                  // prod(grid)
 };
 
-struct Slot {
-  uint64_t key;
-  int32_t voxel;  // -1: a voxel past max_num_voxels (counted, never stored)
+// Open-addressing tables from cell key to voxel row (-1: a voxel past max_num_voxels, counted but
+// never stored). Both have the same interface; AssignVoxels takes either.
+//
+// Grids of fewer than 2**32 cells (all common ones) pack key and voxel into one 8-byte slot,
+// halving the table, whose cache misses dominate the serial part. 0 marks an empty slot.
+struct PackedTable {
+  using Slot = uint64_t;
+  static bool Fits(uint64_t cells) { return cells <= (uint64_t{1} << 32); }
+  static Slot Empty() { return 0; }
+  static bool IsEmpty(Slot s) { return s == 0; }
+  static bool Holds(Slot s, uint64_t key) { return s != 0 && static_cast<uint32_t>(s) == key; }
+  static Slot Make(uint64_t key, int32_t voxel) { return (static_cast<uint64_t>(voxel + 2) << 32) | key; }
+  static int32_t Voxel(Slot s) { return static_cast<int32_t>((s >> 32) - 2); }
 };
+
+// Any grid: 16-byte slots; kEmptyKey marks an empty slot.
+struct WideTable {
+  struct Slot {
+    uint64_t key;
+    int32_t voxel;
+  };
+  static bool Fits(uint64_t) { return true; }
+  static Slot Empty() { return Slot{kEmptyKey, 0}; }
+  static bool IsEmpty(const Slot& s) { return s.key == kEmptyKey; }
+  static bool Holds(const Slot& s, uint64_t key) { return s.key == key; }
+  static Slot Make(uint64_t key, int32_t voxel) { return Slot{key, voxel}; }
+  static int32_t Voxel(const Slot& s) { return s.voxel; }
+};
+
+// The table's memory, reused by later calls on the same thread: a fresh allocation of this size
+// is returned to the OS on free and page-faults again on first touch, which cost as much as the
+// table's work. Only the serial part uses it, and it ends before the handler returns.
+void* TableMemory(size_t bytes) {
+  thread_local std::vector<uint64_t> memory;
+  if (memory.size() * sizeof(uint64_t) < bytes) memory.resize((bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t));
+  return memory.data();
+}
 
 int64_t TableSlots(int64_t entries) {
   int64_t slots = 16;
@@ -56,42 +91,53 @@ int64_t TableSlots(int64_t entries) {
 }
 
 // The cell key of `point` (first ndim columns are x, y, ...), or kEmptyKey when it lies outside
-// the grid. The float32 arithmetic is spconv's: floor((p - low) / vsize) per axis. Comparing in
-// float first keeps NaN, inf and huge values from reaching the integer conversion.
+// the grid. The float32 arithmetic is spconv's: floor((p - low) / vsize) per axis. Branch-free
+// (valid points interleave with invalid ones unpredictably); out-of-range, NaN and infinite
+// quotients are replaced by 0 before the integer conversion, which would be undefined for them.
 template <int kNdim>
 inline uint64_t CellKey(const VoxelGeometry& g, const float* point, int32_t* cell) {
   uint64_t key = 0;
+  bool inside = true;
   for (int a = 0; a < kNdim; ++a) {
     const float q = (point[a] - g.low[a]) / g.vsize[a];
-    if (!(q >= 0.0f && q < 2147483648.0f)) return kEmptyKey;
-    const int64_t c = static_cast<int64_t>(q);  // q >= 0: truncation is floor
-    if (c >= g.grid[a]) return kEmptyKey;
+    const bool finite = q >= 0.0f && q < 2147483648.0f;  // false for NaN
+    const int64_t c = static_cast<int64_t>(finite ? q : 0.0f);  // q >= 0: truncation is floor
+    inside &= finite & (c < g.grid[a]);
     cell[a] = static_cast<int32_t>(c);
     key += static_cast<uint64_t>(c) * g.stride[a];
   }
-  return key;
+  return inside ? key : kEmptyKey;
 }
 
-// Part 1: ids[i] for every point, coords and counts of the opened voxels (counts must be zero),
-// and members[v * max_points + j], the j-th stored point of voxel v. Returns how many voxels
-// the points open (possibly more than max_voxels).
-template <int kNdim>
-int64_t AssignVoxels(const VoxelGeometry& g, const float* points, int64_t num_rows, int64_t features,
-                     int64_t active, int64_t max_voxels, int64_t max_points, int32_t* ids,
-                     int32_t* coords, int32_t* counts, int32_t* members) {
-  const uint64_t bound = std::min<uint64_t>(static_cast<uint64_t>(active), g.cells);
-  std::vector<Slot> table(TableSlots(static_cast<int64_t>(bound)), Slot{kEmptyKey, 0});
-  const uint64_t mask = table.size() - 1;
+// Inputs and outputs of part 1.
+struct AssignArgs {
+  const float* points;
+  int64_t num_rows, features, active, max_voxels;
+  int32_t *ids, *coords;
+  void* table;  // table_slots slots of the Table's type
+  int64_t table_slots;
+};
+
+// Part 1: ids[i] for every point and the coords of the opened voxels. Returns how many voxels the
+// points open (possibly more than max_voxels).
+template <int kNdim, typename Table>
+int64_t AssignVoxels(const VoxelGeometry& g, const AssignArgs& args) {
+  const int64_t active = args.active, max_voxels = args.max_voxels;
+  const float* points = args.points;
+  int32_t *ids = args.ids, *coords = args.coords;
+  auto* table = static_cast<typename Table::Slot*>(args.table);
+  std::fill(table, table + args.table_slots, Table::Empty());
+  const uint64_t mask = static_cast<uint64_t>(args.table_slots) - 1;
   int64_t opened = 0;
   uint64_t keys[kPointGroup], slots[kPointGroup];
   int32_t cells[kPointGroup][kMaxVoxelNdim];
-  std::fill(ids + active, ids + num_rows, -1);  // rows past num_points are padding
+  std::fill(ids + active, ids + args.num_rows, -1);  // rows past num_points are padding
   for (int64_t first = 0; first < active; first += kPointGroup) {
     const int64_t n = std::min(kPointGroup, active - first);
     for (int64_t e = 0; e < n; ++e) {
-      keys[e] = CellKey<kNdim>(g, points + (first + e) * features, cells[e]);
+      keys[e] = CellKey<kNdim>(g, points + (first + e) * args.features, cells[e]);
       slots[e] = SiteSlot(keys[e], mask);
-      __builtin_prefetch(table.data() + slots[e]);
+      __builtin_prefetch(table + slots[e]);
     }
     for (int64_t e = 0; e < n; ++e) {
       const int64_t i = first + e;
@@ -100,45 +146,57 @@ int64_t AssignVoxels(const VoxelGeometry& g, const float* points, int64_t num_ro
         continue;
       }
       uint64_t s = slots[e];
-      while (table[s].key != keys[e] && table[s].key != kEmptyKey) s = (s + 1) & mask;
-      if (table[s].key == kEmptyKey) {  // this point opens a voxel
+      while (!Table::Holds(table[s], keys[e]) && !Table::IsEmpty(table[s])) s = (s + 1) & mask;
+      if (Table::IsEmpty(table[s])) {  // this point opens a voxel
         const int32_t v = opened < max_voxels ? static_cast<int32_t>(opened) : -1;
-        table[s] = Slot{keys[e], v};
+        table[s] = Table::Make(keys[e], v);
         ++opened;
         // Coordinates in zyx order: the reverse of the xyz axes.
         if (v >= 0) {
           for (int a = 0; a < kNdim; ++a) coords[int64_t{v} * kNdim + (kNdim - 1 - a)] = cells[e][a];
         }
       }
-      const int32_t v = table[s].voxel;
-      ids[i] = v;
-      if (v >= 0 && counts[v] < max_points) members[int64_t{v} * max_points + counts[v]++] = int32_t(i);
+      ids[i] = Table::Voxel(table[s]);
     }
   }
   return opened;
 }
 
-// Part 2 for voxel rows [begin, end): stored points, then empty slots (zeros, or the mean of the
-// stored points summed in slot order); rows at or past `used` are padding.
-void FillVoxels(const float* points, int64_t features, int64_t max_points, int64_t ndim, bool empty_mean,
-                int64_t used, const int32_t* counts, const int32_t* members, int64_t begin, int64_t end,
-                float* voxels, int32_t* coords) {
+template <typename Table>
+int64_t AssignVoxelsAnyNdim(const VoxelGeometry& g, const AssignArgs& args) {
+  switch (g.ndim) {
+    case 2:
+      return AssignVoxels<2, Table>(g, args);
+    case 3:
+      return AssignVoxels<3, Table>(g, args);
+    default:
+      return AssignVoxels<4, Table>(g, args);
+  }
+}
+
+// Part 2, one task: used rows [begin, end) and padding rows [pad_begin, pad_end). Empty slots
+// get zeros, or the mean of the stored points summed in slot order.
+void FillVoxels(const float* points, const int32_t* ids, int64_t active, int64_t features,
+                int64_t max_points, int64_t ndim, bool empty_mean, int64_t begin, int64_t end,
+                int64_t pad_begin, int64_t pad_end, float* voxels, int32_t* coords, int32_t* counts) {
+  const int64_t row_size = max_points * features;
+  std::fill(counts + begin, counts + end, 0);
+  const uint32_t rows = static_cast<uint32_t>(end - begin);
+  for (int64_t i = 0; i < active; ++i) {
+    const uint32_t r = static_cast<uint32_t>(ids[i] - begin);  // -1 and other tasks' rows: >= rows
+    if (r >= rows) continue;
+    int32_t& count = counts[begin + r];
+    if (count == max_points) continue;  // full: the point keeps its id but is not stored
+    float* slot = voxels + (begin + r) * row_size + count * features;
+    for (int64_t k = 0; k < features; ++k) slot[k] = points[i * features + k];
+    ++count;
+  }
   std::vector<float> mean(features);
   for (int64_t v = begin; v < end; ++v) {
-    float* row = voxels + v * max_points * features;
-    if (v >= used) {
-      std::fill(row, row + max_points * features, 0.0f);
-      std::fill(coords + v * ndim, coords + (v + 1) * ndim, -1);
-      continue;
-    }
+    float* row = voxels + v * row_size;
     const int64_t count = counts[v];
-    for (int64_t j = 0; j < count; ++j) {
-      std::memcpy(row + j * features, points + int64_t{members[v * max_points + j]} * features,
-                  features * sizeof(float));
-    }
-    if (count == max_points) continue;
     if (!empty_mean) {
-      std::fill(row + count * features, row + max_points * features, 0.0f);
+      for (int64_t e = count * features; e < row_size; ++e) row[e] = 0.0f;  // short: no memset call
       continue;
     }
     std::fill(mean.begin(), mean.end(), 0.0f);
@@ -146,8 +204,13 @@ void FillVoxels(const float* points, int64_t features, int64_t max_points, int64
       for (int64_t k = 0; k < features; ++k) mean[k] += row[j * features + k];
     }
     for (int64_t k = 0; k < features; ++k) mean[k] /= static_cast<float>(count);
-    for (int64_t j = count; j < max_points; ++j) std::copy(mean.begin(), mean.end(), row + j * features);
+    for (int64_t j = count; j < max_points; ++j) {
+      for (int64_t k = 0; k < features; ++k) row[j * features + k] = mean[k];
+    }
   }
+  std::memset(voxels + pad_begin * row_size, 0, (pad_end - pad_begin) * row_size * sizeof(float));
+  std::fill(coords + pad_begin * ndim, coords + pad_end * ndim, -1);
+  std::fill(counts + pad_begin, counts + pad_end, 0);
 }
 
 std::string DimsString(ffi::Span<const int64_t> dims) {
@@ -233,32 +296,25 @@ ffi::Future Voxelize(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer
   float* voxels = voxels_out->typed_data<float>();
   int32_t* coords = coords_out->typed_data<int32_t>();
   int32_t* counts = counts_out->typed_data<int32_t>();
-  // Only the first min(P, V) voxels can be opened: the member lists need no more rows.
-  const int64_t member_rows = std::min(max_voxels, active);
-  std::shared_ptr<int32_t[]> members(new int32_t[std::max<int64_t>(1, member_rows * max_points)]);
-  std::memset(counts, 0, max_voxels * sizeof(int32_t));
-  int64_t opened = 0;
-  switch (g->ndim) {
-    case 2:
-      opened = AssignVoxels<2>(*g, pts, num_rows, features, active, max_voxels, max_points,
-                               ids_out->typed_data<int32_t>(), coords, counts, members.get());
-      break;
-    case 3:
-      opened = AssignVoxels<3>(*g, pts, num_rows, features, active, max_voxels, max_points,
-                               ids_out->typed_data<int32_t>(), coords, counts, members.get());
-      break;
-    default:
-      opened = AssignVoxels<4>(*g, pts, num_rows, features, active, max_voxels, max_points,
-                               ids_out->typed_data<int32_t>(), coords, counts, members.get());
-  }
+  // The table holds at most min(points, cells) distinct keys.
+  const int64_t table_slots = TableSlots(static_cast<int64_t>(std::min<uint64_t>(active, g->cells)));
+  const bool packed = PackedTable::Fits(g->cells);
+  void* table = TableMemory(table_slots * (packed ? sizeof(PackedTable::Slot) : sizeof(WideTable::Slot)));
+  int32_t* ids = ids_out->typed_data<int32_t>();
+  const AssignArgs args{pts, num_rows, features, active, max_voxels, ids, coords, table, table_slots};
+  const int64_t opened =
+      packed ? AssignVoxelsAnyNdim<PackedTable>(*g, args) : AssignVoxelsAnyNdim<WideTable>(*g, args);
   *num_voxels_out->typed_data<int32_t>() = static_cast<int32_t>(std::min<int64_t>(opened, INT32_MAX));
   const int64_t used = std::min(opened, max_voxels);
   const int64_t ndim = g->ndim;
   const bool mean = empty_mean != 0;
-  return ParallelFor(pool, (max_voxels + kVoxelsPerTask - 1) / kVoxelsPerTask, [=](int64_t task) {
-    const int64_t begin = task * kVoxelsPerTask;
-    FillVoxels(pts, features, max_points, ndim, mean, used, counts, members.get(), begin,
-               std::min(max_voxels, begin + kVoxelsPerTask), voxels, coords);
+  // Every task scans all point ids, so there are about as many tasks as threads; the split only
+  // decides who writes which rows, never what they hold.
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), max_voxels / kMinRowsPerTask));
+  return ParallelFor(pool, tasks, [=](int64_t task) {
+    const auto split = [&](int64_t lo, int64_t hi, int64_t t) { return lo + (hi - lo) * t / tasks; };
+    FillVoxels(pts, ids, active, features, max_points, ndim, mean, split(0, used, task), split(0, used, task + 1),
+               split(used, max_voxels, task), split(used, max_voxels, task + 1), voxels, coords, counts);
   });
 }
 
