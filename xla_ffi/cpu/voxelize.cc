@@ -1,16 +1,17 @@
 // Point-cloud voxelization on CPU (jsparse.ops.voxelize): spconv 2.3's PointToVoxel, jittable.
 //
-// One handler call, two parts:
-// 1. Serial, in the handler: every point's cell (float32 (p - min) / vsize, floored, per axis),
-//    then first-come voxel ids from an open-addressing table of packed cell keys. Voxel ids are
-//    the order in which points open voxels, an inherently sequential rule; the table is small
-//    (about 2 slots per point) and probes are prefetched in groups, so this part is cheap.
-// 2. Parallel, on the XLA intra-op pool: each task owns a range of the used voxel rows and a
-//    range of the padding rows. It scans the point ids in order and copies the points of its
-//    rows into their next free slot (so each voxel keeps its first max_points points), then
-//    fills the empty slots (zeros or the voxel's mean) and writes its padding rows. A row's
-//    content depends only on the point order, so results are bitwise identical for any thread
-//    count.
+// One handler call, one parallel phase on the XLA intra-op pool (parallel.h), three parts:
+// 1. Task 0, serial: every point's cell (float32 (p - min) / vsize, floored, per axis), then
+//    first-come voxel ids from an open-addressing table of packed cell keys. Voxel ids are the
+//    order in which points open voxels, an inherently sequential rule; the table is small (about
+//    2 slots per point) and its probes are prefetched in groups.
+// 2. Meanwhile, tasks 1.. zero the voxels output in 1 MiB chunks (mostly padding rows: the
+//    output is sized for max_num_voxels).
+// 3. After the last task, on the thread that ran it: each point is copied into the next free
+//    slot of its voxel (so a voxel keeps its first max_points points, in point order), empty
+//    slots get the voxel's mean if asked, and padding rows get coords -1.
+// Every part writes outputs no other part writes at the same time, and no result depends on
+// which thread ran what, so outputs are bitwise identical for any thread count.
 // Points with a non-finite or out-of-range cell, and rows at or past num_points, get id -1;
 // points that would open a voxel past max_num_voxels get id -1 but are counted in num_voxels.
 #include <algorithm>
@@ -34,7 +35,7 @@ namespace {
 constexpr int kMaxVoxelNdim = 4;
 constexpr uint64_t kEmptyKey = ~0ull;  // cell keys stay below 2**62
 constexpr int64_t kPointGroup = 32;    // points whose table slots are prefetched together
-constexpr int64_t kMinRowsPerTask = 1024;  // fewer rows are not worth a task
+constexpr int64_t kZeroChunk = int64_t{1} << 18;  // floats zeroed per task (1 MiB)
 
 // The static geometry, in the handler's axis order (xyz, as the attributes give it).
 struct VoxelGeometry {
@@ -49,8 +50,8 @@ struct VoxelGeometry {
 // Open-addressing tables from cell key to voxel row (-1: a voxel past max_num_voxels, counted but
 // never stored). Both have the same interface; AssignVoxels takes either.
 //
-// Grids of fewer than 2**32 cells (all common ones) pack key and voxel into one 8-byte slot,
-// halving the table, whose cache misses dominate the serial part. 0 marks an empty slot.
+// Grids of at most 2**32 cells (all common ones) pack key and voxel into one 8-byte slot, halving
+// the table's memory traffic. 0 marks an empty slot.
 struct PackedTable {
   using Slot = uint64_t;
   static bool Fits(uint64_t cells) { return cells <= (uint64_t{1} << 32); }
@@ -75,9 +76,9 @@ struct WideTable {
   static int32_t Voxel(const Slot& s) { return s.voxel; }
 };
 
-// The table's memory, reused by later calls on the same thread: a fresh allocation of this size
-// is returned to the OS on free and page-faults again on first touch, which cost as much as the
-// table's work. Only the serial part uses it, and it ends before the handler returns.
+// The table's memory, kept for later calls on the same thread: a fresh allocation of this size is
+// returned to the OS on free and page-faults again on first touch (hundreds of faults a call).
+// Only part 1 uses it, from start to end within one task on one thread.
 void* TableMemory(size_t bytes) {
   thread_local std::vector<uint64_t> memory;
   if (memory.size() * sizeof(uint64_t) < bytes) memory.resize((bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t));
@@ -174,43 +175,35 @@ int64_t AssignVoxelsAnyNdim(const VoxelGeometry& g, const AssignArgs& args) {
   }
 }
 
-// Part 2, one task: used rows [begin, end) and padding rows [pad_begin, pad_end). Empty slots
-// get zeros, or the mean of the stored points summed in slot order.
-void FillVoxels(const float* points, const int32_t* ids, int64_t active, int64_t features,
-                int64_t max_points, int64_t ndim, bool empty_mean, int64_t begin, int64_t end,
-                int64_t pad_begin, int64_t pad_end, float* voxels, int32_t* coords, int32_t* counts) {
+// Part 3, after every task: copies each point into the next free slot of its voxel (so a voxel
+// keeps its first max_points points), fills the empty slots of the used rows (they are zero; with
+// empty_mean, the mean of the stored points summed in slot order) and marks the padding rows.
+void StorePoints(const float* points, const int32_t* ids, int64_t active, int64_t features,
+                 int64_t max_points, int64_t ndim, bool empty_mean, int64_t used, int64_t max_voxels,
+                 float* voxels, int32_t* coords, int32_t* counts) {
   const int64_t row_size = max_points * features;
-  std::fill(counts + begin, counts + end, 0);
-  const uint32_t rows = static_cast<uint32_t>(end - begin);
   for (int64_t i = 0; i < active; ++i) {
-    const uint32_t r = static_cast<uint32_t>(ids[i] - begin);  // -1 and other tasks' rows: >= rows
-    if (r >= rows) continue;
-    int32_t& count = counts[begin + r];
-    if (count == max_points) continue;  // full: the point keeps its id but is not stored
-    float* slot = voxels + (begin + r) * row_size + count * features;
+    const int32_t v = ids[i];
+    if (v < 0 || counts[v] == max_points) continue;  // a full voxel's later points keep its id only
+    float* slot = voxels + v * row_size + counts[v]++ * features;
     for (int64_t k = 0; k < features; ++k) slot[k] = points[i * features + k];
-    ++count;
   }
-  std::vector<float> mean(features);
-  for (int64_t v = begin; v < end; ++v) {
-    float* row = voxels + v * row_size;
-    const int64_t count = counts[v];
-    if (!empty_mean) {
-      for (int64_t e = count * features; e < row_size; ++e) row[e] = 0.0f;  // short: no memset call
-      continue;
-    }
-    std::fill(mean.begin(), mean.end(), 0.0f);
-    for (int64_t j = 0; j < count; ++j) {
-      for (int64_t k = 0; k < features; ++k) mean[k] += row[j * features + k];
-    }
-    for (int64_t k = 0; k < features; ++k) mean[k] /= static_cast<float>(count);
-    for (int64_t j = count; j < max_points; ++j) {
-      for (int64_t k = 0; k < features; ++k) row[j * features + k] = mean[k];
+  if (empty_mean) {
+    std::vector<float> mean(features);
+    for (int64_t v = 0; v < used; ++v) {
+      float* row = voxels + v * row_size;
+      const int64_t count = counts[v];
+      std::fill(mean.begin(), mean.end(), 0.0f);
+      for (int64_t j = 0; j < count; ++j) {
+        for (int64_t k = 0; k < features; ++k) mean[k] += row[j * features + k];
+      }
+      for (int64_t k = 0; k < features; ++k) mean[k] /= static_cast<float>(count);
+      for (int64_t j = count; j < max_points; ++j) {
+        for (int64_t k = 0; k < features; ++k) row[j * features + k] = mean[k];
+      }
     }
   }
-  std::memset(voxels + pad_begin * row_size, 0, (pad_end - pad_begin) * row_size * sizeof(float));
-  std::fill(coords + pad_begin * ndim, coords + pad_end * ndim, -1);
-  std::fill(counts + pad_begin, counts + pad_end, 0);
+  std::fill(coords + used * ndim, coords + max_voxels * ndim, -1);
 }
 
 std::string DimsString(ffi::Span<const int64_t> dims) {
@@ -299,23 +292,34 @@ ffi::Future Voxelize(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer
   // The table holds at most min(points, cells) distinct keys.
   const int64_t table_slots = TableSlots(static_cast<int64_t>(std::min<uint64_t>(active, g->cells)));
   const bool packed = PackedTable::Fits(g->cells);
-  void* table = TableMemory(table_slots * (packed ? sizeof(PackedTable::Slot) : sizeof(WideTable::Slot)));
+  const int64_t slot_bytes = packed ? sizeof(PackedTable::Slot) : sizeof(WideTable::Slot);
   int32_t* ids = ids_out->typed_data<int32_t>();
-  const AssignArgs args{pts, num_rows, features, active, max_voxels, ids, coords, table, table_slots};
-  const int64_t opened =
-      packed ? AssignVoxelsAnyNdim<PackedTable>(*g, args) : AssignVoxelsAnyNdim<WideTable>(*g, args);
-  *num_voxels_out->typed_data<int32_t>() = static_cast<int32_t>(std::min<int64_t>(opened, INT32_MAX));
-  const int64_t used = std::min(opened, max_voxels);
+  int32_t* num_voxels = num_voxels_out->typed_data<int32_t>();
   const int64_t ndim = g->ndim;
   const bool mean = empty_mean != 0;
-  // Every task scans all point ids, so there are about as many tasks as threads; the split only
-  // decides who writes which rows, never what they hold.
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), max_voxels / kMinRowsPerTask));
-  return ParallelFor(pool, tasks, [=](int64_t task) {
-    const auto split = [&](int64_t lo, int64_t hi, int64_t t) { return lo + (hi - lo) * t / tasks; };
-    FillVoxels(pts, ids, active, features, max_points, ndim, mean, split(0, used, task), split(0, used, task + 1),
-               split(used, max_voxels, task), split(used, max_voxels, task + 1), voxels, coords, counts);
-  });
+  // Task 0 assigns the ids (part 1) while the other tasks zero the voxels and counts in chunks;
+  // the last task to finish stores the points (part 3). Each task writes its own outputs.
+  const int64_t voxel_floats = max_voxels * max_points * features;
+  const int64_t chunks = std::max<int64_t>(1, (voxel_floats + kZeroChunk - 1) / kZeroChunk);
+  auto used = std::make_shared<int64_t>(0);
+  return ParallelFor(
+      pool, 1 + chunks,
+      [=](int64_t task) {
+        if (task == 0) {
+          void* table = TableMemory(table_slots * slot_bytes);
+          const AssignArgs args{pts, num_rows, features, active, max_voxels, ids, coords, table, table_slots};
+          const int64_t opened = packed ? AssignVoxelsAnyNdim<PackedTable>(*g, args)
+                                        : AssignVoxelsAnyNdim<WideTable>(*g, args);
+          *num_voxels = static_cast<int32_t>(std::min<int64_t>(opened, INT32_MAX));
+          *used = std::min(opened, max_voxels);
+          return;
+        }
+        const int64_t begin = (task - 1) * kZeroChunk;
+        const int64_t end = std::min(voxel_floats, begin + kZeroChunk);
+        std::memset(voxels + begin, 0, (end - begin) * sizeof(float));
+        if (task == 1) std::memset(counts, 0, max_voxels * sizeof(int32_t));
+      },
+      [=]() { StorePoints(pts, ids, active, features, max_points, ndim, mean, *used, max_voxels, voxels, coords, counts); });
 }
 
 }  // namespace
