@@ -13,8 +13,9 @@ Semantics (``voxel_size`` and ``coors_range`` in xyz, outputs in zyx), per axis 
   spconv's CPU version accumulates across voxels, issue 477).
 
 Two backends (:func:`jsparse.backend`) with bitwise identical results: the FFI kernel
-(``xla_ffi/cpu/voxelize.cc``: first-come ids from a hash table, threaded fill) and a jnp
-reference that sorts points by cell.
+(``xla_ffi/cpu/voxelize.cc``: first-come ids from a hash table of cell keys, while other threads
+zero the output) and a jnp reference that sorts points by cell. Under ``vmap`` each cloud is
+voxelized on its own (the FFI kernel runs once per cloud).
 """
 
 from __future__ import annotations

@@ -181,6 +181,34 @@ def test_range_boundaries():
   assert out.coords[:3].tolist() == [[0, 0, 0], [3, 3, 3], [2, 2, 2]]
 
 
+def test_empty_cloud():
+  kwargs = dict(GEOMETRY[2], max_num_voxels=3, max_num_points_per_voxel=2)
+  assert_matches_oracle(np.zeros((0, 3), np.float32), **kwargs)
+
+
+def test_grid_beyond_32_bit_keys():
+  """More than 2**32 cells: the FFI kernel switches to 16-byte table slots."""
+  points = clustered_points(np.random.default_rng(7), 200, 3, 6, 4)
+  kwargs = dict(voxel_size=(1e-3, 1e-3, 1e-3), coors_range=(-1.0, -1.0, -1.0, 3.0, 3.0, 3.0))
+  assert math.prod(ops._voxelize.grid_size(**kwargs)) > 2**32
+  assert_matches_oracle(points, max_num_voxels=150, max_num_points_per_voxel=2, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_voxelizes_each_cloud(backend):
+  clouds = np.stack([clustered_points(np.random.default_rng(s), 50, 2, 4, 3) for s in range(3)])
+  kwargs = dict(GEOMETRY[2], max_num_voxels=20, max_num_points_per_voxel=3)
+  with jsparse.backend(backend):
+    batched = jax.jit(jax.vmap(lambda p, n: ops.voxelize(p, n, **kwargs)))(
+      jnp.asarray(clouds), jnp.array([50, 20, 0])
+    )
+  for i, n in enumerate((50, 20, 0)):
+    for have, want in zip(
+      batched, oracle(clouds[i], kwargs["voxel_size"], kwargs["coors_range"], 20, 3, num_points=n)
+    ):
+      np.testing.assert_array_equal(np.asarray(have[i]), want)
+
+
 def test_float32_cell_arithmetic():
   """Cells come from float32 (p - min) / vsize: 0.3 - (-0.1) rounds so that a float64 formula
   would give another cell for some of these points; the oracle uses float32 like spconv."""
