@@ -5,7 +5,7 @@ Prints one table. Each row is one scan and setting measured in this run: the med
 kernel and on the reference path (a fresh jit per backend), spconv 2.3.8's CPU
 ``PointToVoxel.generate_voxel_with_id`` (single-threaded, its only correct setting) when torch +
 spconv are installed, the ratios, and the FFI throughput in million points per second. The FFI
-kernel and spconv take turns call by call, so load from other processes affects both alike. jsparse
+kernel and spconv take turns in blocks of 10 calls, so load from other processes affects both. jsparse
 runs on XLA's CPU thread pool (all cores this process may use); its outputs have
 ``max_num_voxels`` rows, like the buffers spconv fills (spconv then returns views of the used rows).
 
@@ -48,17 +48,20 @@ CASES = (
 )  # fmt: skip
 
 
-def median_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def median_times(fns: dict[str, Callable[[], Any]], repeats: int, block: int = 10) -> dict[str, float]:
   """Seconds per call of each function: the median of ``repeats`` timed calls after one warm-up
-  call. The functions take turns call by call, so a change in machine load hits all of them."""
+  call. The functions take turns in blocks of ``block`` calls, so a change in machine load hits
+  all of them, while each block runs with its own data in cache (spconv's dense hash grid of
+  ``prod(grid)`` int32 would otherwise evict the other's)."""
   for fn in fns.values():
     jax.block_until_ready(fn())
   times: dict[str, list[float]] = {name: [] for name in fns}
-  for _ in range(repeats):
+  for start in range(0, repeats, block):
     for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
+      for _ in range(min(block, repeats - start)):
+        begin = time.perf_counter()
+        jax.block_until_ready(fn())
+        times[name].append(time.perf_counter() - begin)
   return {name: statistics.median(t) for name, t in times.items()}
 
 
