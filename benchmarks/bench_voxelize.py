@@ -1,0 +1,145 @@
+"""Voxelization of real scans: jsparse's FFI kernel, its reference path and spconv, side by side.
+
+Prints one table. Each row is one scan and setting measured in this run: the median time of
+``--repeats`` calls (after a compiling warm-up) of a jitted ``PointToVoxel.generate`` on the FFI
+kernel and on the reference path (a fresh jit per backend), spconv 2.3.8's CPU
+``PointToVoxel.generate_voxel_with_id`` (single-threaded, its only correct setting) when torch +
+spconv are installed, the ratios, and the FFI throughput in million points per second. The FFI
+kernel and spconv take turns in blocks of 10 calls, so load from other processes affects both. jsparse
+runs on XLA's CPU thread pool (all cores this process may use); its outputs have
+``max_num_voxels`` rows, like the buffers spconv fills (spconv then returns views of the used rows).
+
+  python benchmarks/bench_voxelize.py [--repeats 50] [--no-spconv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsparse
+from jsparse.utils import PointToVoxel
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _spconv  # noqa: E402
+
+DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# (label, scan, features, vsize_xyz, coors_range_xyz, max_num_voxels, max_num_points_per_voxel)
+CASES = (
+  ("nuScenes CenterPoint 0.1x0.1x0.2", "nuscenes_lidar_top.bin", 5,
+   (0.1, 0.1, 0.2), (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), 60000, 10),
+  ("nuScenes CenterPoint 0.1x0.1x0.2", "nuscenes_lidar_top.bin", 5,
+   (0.1, 0.1, 0.2), (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), 16384, 10),
+  ("nuScenes 0.1 m cubes", "nuscenes_lidar_top.bin", 5,
+   (0.1, 0.1, 0.1), (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), 16384, 5),
+  ("KITTI SECOND 0.05x0.05x0.1", "kitti_000008.bin", 4,
+   (0.05, 0.05, 0.1), (0.0, -40.0, -3.0, 70.4, 40.0, 1.0), 16384, 5),
+)  # fmt: skip
+
+
+def median_times(fns: dict[str, Callable[[], Any]], repeats: int, block: int = 10) -> dict[str, float]:
+  """Seconds per call of each function: the median of ``repeats`` timed calls after one warm-up
+  call. The functions take turns in blocks of ``block`` calls, so a change in machine load hits
+  all of them, while each block runs with its own data in cache (spconv's dense hash grid of
+  ``prod(grid)`` int32 would otherwise evict the other's)."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for start in range(0, repeats, block):
+    for name, fn in fns.items():
+      for _ in range(min(block, repeats - start)):
+        begin = time.perf_counter()
+        jax.block_until_ready(fn())
+        times[name].append(time.perf_counter() - begin)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def jitted(backend: str, gen: PointToVoxel, points: jax.Array) -> Callable[[], Any]:
+  # A fresh function per backend, traced here: jax.jit caches traces per function object, and
+  # the backend is read when tracing.
+  with jsparse.backend(backend):
+    fn = jax.jit(lambda p: gen.generate(p))
+    jax.block_until_ready(fn(points))
+  return lambda: fn(points)
+
+
+def spconv_call(points: np.ndarray, case: tuple) -> Callable[[], Any]:
+  torch, _, _ = _spconv._load()
+  from spconv.pytorch.utils import PointToVoxel as SpconvPointToVoxel
+
+  _, _, features, vsize, coors_range, max_voxels, max_points = case
+  gen = SpconvPointToVoxel(list(vsize), list(coors_range), features, max_voxels, max_points)
+  pc = torch.from_numpy(points.copy())
+
+  def call():
+    with torch.no_grad():
+      return gen.generate_voxel_with_id(pc)
+
+  return call
+
+
+COLUMNS = (
+  ("case", 52), ("points", 8), ("voxels", 8), ("FFI ms", 8), ("ref ms", 8), ("ref/FFI", 8),
+  ("spconv ms", 10), ("spconv/FFI", 11), ("FFI Mpt/s", 10),
+)  # fmt: skip
+
+
+def row(*cells: Any) -> str:
+  text = []
+  for (name, width), cell in zip(COLUMNS, cells):
+    cell = "" if cell is None else f"{cell:.3f}" if isinstance(cell, float) else str(cell)
+    text.append(f"{cell:<{width}}" if name == "case" else f"{cell:>{width}}")
+  return "".join(text)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--repeats", type=int, default=50)
+  parser.add_argument("--no-spconv", action="store_true", help="skip spconv even when installed")
+  args = parser.parse_args()
+  with_spconv = not args.no_spconv and _spconv.available()
+  cores = len(os.sched_getaffinity(0))
+  print(f"jax {jax.__version__} on {jax.default_backend()} ({cores} cores); medians of {args.repeats} calls")
+  print(f"spconv 2.3.8 (CPU, 1 thread) side by side: {'yes' if with_spconv else 'not installed'}")
+  print(row(*(name for name, _ in COLUMNS)))
+  for case in CASES:
+    label, scan, features, vsize, coors_range, max_voxels, max_points = case
+    points = np.fromfile(DATA / scan, np.float32).reshape(-1, features)
+    gen = PointToVoxel(vsize, coors_range, features, max_voxels, max_points)
+    device_points = jnp.asarray(points)
+    voxels = int(gen.generate(device_points).num_voxels)
+    fns = {"ffi": jitted("ffi", gen, device_points)}
+    if with_spconv:
+      fns["spconv"] = spconv_call(points, case)
+    times = median_times(fns, args.repeats)
+    ffi, theirs = times["ffi"], times.get("spconv")
+    ref = median_times({"ref": jitted("reference", gen, device_points)}, max(3, args.repeats // 10))["ref"]
+    print(
+      row(
+        f"{label} (V={max_voxels}, M={max_points})",
+        len(points),
+        voxels,
+        1e3 * ffi,
+        1e3 * ref,
+        f"{ref / ffi:.1f}x",
+        None if theirs is None else 1e3 * theirs,
+        None if theirs is None else f"{theirs / ffi:.1f}x",
+        len(points) / ffi / 1e6,
+      ),
+      flush=True,
+    )
+
+
+if __name__ == "__main__":
+  main()
