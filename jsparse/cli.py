@@ -1,4 +1,5 @@
-"""The ``jsparse`` command: ``jsparse demo`` trains a small sparse U-Net on a LiDAR scan."""
+"""The ``jsparse`` command: ``demo`` trains a small sparse U-Net on a LiDAR scan, ``voxelize``
+turns a point-cloud file into voxels, ``info`` prints the build."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from flax import nnx
 
 import jsparse
 from jsparse import nn as spnn
+from jsparse.utils import PointToVoxel, read_points
 
 DEFAULT_SCAN = pathlib.Path("..") / "shared" / "data" / "kitti_000008.bin"
 
@@ -32,23 +34,92 @@ def _load_points(path: pathlib.Path | None) -> tuple[np.ndarray, str]:
   return np.c_[xyz, rng.uniform(0, 1, len(xyz)).astype(np.float32)], "synthetic street (no scan found)"
 
 
+def bounding_range(points: np.ndarray, voxel_size: Sequence[float]) -> list[float]:
+  """A ``coors_range_xyz`` for ``PointToVoxel`` that holds every finite point of ``points [P, >= 3]``:
+  the minima, then the minima plus whole voxels past the maxima (one spare, against rounding)."""
+  xyz = points[:, :3][np.all(np.isfinite(points[:, :3]), axis=1)]
+  if len(xyz) == 0:
+    raise ValueError("the point cloud has no point with finite x, y, z")
+  size = np.asarray(voxel_size, np.float64)
+  low = xyz.min(0).astype(np.float64)
+  high = low + size * (np.floor((xyz.max(0) - low) / size) + 2)
+  return [*low.tolist(), *high.tolist()]
+
+
 def voxelize_mean(points: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
   """Mean-pooled voxels of ``points [P, F]`` (x, y, z first) over their bounding box.
 
-  A minimal host-side voxelizer for the demo and the benchmarks.
+  Voxel ids come from :class:`jsparse.utils.PointToVoxel`; each voxel's features are the mean of
+  all its points. Used by the demo and the benchmarks.
 
   Returns:
     ``(features [V, F] per-voxel means, coords int32 [V, 3] in zyx order sorted, spatial_shape zyx)``.
   """
-  low = points[:, :3].min(0)
-  cells = np.floor((points[:, :3] - low) / voxel_size).astype(np.int64)
-  shape_xyz = cells.max(0) + 1
-  keys = np.ravel_multi_index(cells.T[::-1], shape_xyz[::-1])  # zyx order
-  unique, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-  sums = np.zeros((len(unique), points.shape[1]))
-  np.add.at(sums, inverse, points)
-  coords = np.stack(np.unravel_index(unique, shape_xyz[::-1]), axis=1).astype(np.int32)
-  return (sums / counts[:, None]).astype(np.float32), coords, tuple(int(n) for n in shape_xyz[::-1])
+  points = np.asarray(points, np.float32)
+  size = [float(voxel_size)] * 3
+  gen = PointToVoxel(size, bounding_range(points, size), points.shape[1], len(points), 1)
+  _, coords, _, ids = (np.asarray(a) for a in gen.generate_voxel_with_id(points))
+  kept = ids >= 0
+  sums = np.zeros((len(coords), points.shape[1]))
+  np.add.at(sums, ids[kept], points[kept])
+  counts = np.bincount(ids[kept], minlength=len(coords))
+  order = np.lexsort(coords.T[::-1])
+  return (sums / counts[:, None])[order].astype(np.float32), coords[order], gen.spatial_shape
+
+
+def voxelize_file(
+  path: pathlib.Path,
+  voxel_size: Sequence[float],
+  coors_range: Sequence[float] | None,
+  out: pathlib.Path,
+  num_features: int | None = None,
+  max_voxels: int | None = None,
+  max_points: int = 5,
+) -> dict:
+  """``jsparse voxelize``: reads a point cloud, runs ``PointToVoxel.generate_voxel_with_id`` and
+  saves its outputs (voxels, coords zyx, num_points_per_voxel, pc_voxel_id) to ``out`` (.npz)."""
+  points = read_points(path, num_features)
+  if points.shape[1] < 3:
+    raise ValueError(f"{path}: points need x, y, z columns, got {points.shape[1]} columns")
+  size = [float(v) for v in voxel_size] * (3 if len(voxel_size) == 1 else 1)
+  if len(size) != 3:
+    raise ValueError(f"--voxel-size takes 1 (cubic) or 3 values (x y z), got {len(voxel_size)}")
+  coors_range = bounding_range(points, size) if coors_range is None else [float(v) for v in coors_range]
+  gen = PointToVoxel(size, coors_range, points.shape[1], max_voxels or len(points), max_points)
+  run = jax.jit(lambda p: gen.generate(p))
+  start = time.perf_counter()
+  jax.block_until_ready(run(points))  # compiles
+  compiled = time.perf_counter()
+  result = jax.block_until_ready(run(points))
+  seconds = time.perf_counter() - compiled
+  voxels, coords, counts, ids, num_voxels = (np.asarray(a) for a in result)
+  stored = min(int(num_voxels), gen.max_num_voxels)
+  xyz = points[:, :3]
+  cells = np.floor((xyz - np.float32(coors_range[:3])) / np.float32(size))
+  in_range = np.all(np.isfinite(cells) & (cells >= 0) & (cells < np.array(gen.grid_size_xyz)), axis=1)
+  outputs = dict(voxels=voxels, coords=coords, num_points_per_voxel=counts)
+  np.savez(
+    out,
+    **{name: array[:stored] for name, array in outputs.items()},
+    pc_voxel_id=ids,
+    voxel_size=np.float32(size),
+    coors_range=np.float32(coors_range),
+    spatial_shape=np.int32(gen.spatial_shape),
+  )
+  return {
+    "file": str(path),
+    "points_read": int(len(points)),
+    "points_in_range": int(in_range.sum()),
+    "voxels": stored,
+    "voxels_dropped": int(num_voxels) - stored,
+    "points_dropped": int(in_range.sum()) - int(counts[:stored].sum()),
+    "points_without_voxel": int(np.sum(in_range & (ids < 0))),
+    "spatial_shape_zyx": list(gen.spatial_shape),
+    "coors_range_xyz": coors_range,
+    "seconds": seconds,
+    "compile_seconds": compiled - start,
+    "out": str(out),
+  }
 
 
 class SegNet(nnx.Module):
@@ -142,6 +213,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   run.add_argument("--scan", type=pathlib.Path, default=scan, help="KITTI .bin scan; synthetic if absent")
   run.add_argument("--steps", type=int, default=40)
   run.add_argument("--voxel-size", type=float, default=0.2)
+  vox = commands.add_parser(
+    "voxelize", help="voxelize a point-cloud file (.bin .npy .npz .ply .pcd .las .laz) into an .npz"
+  )
+  vox.add_argument("file", type=pathlib.Path)
+  vox.add_argument("--voxel-size", type=float, nargs="+", required=True, help="1 (cubic) or 3 values, x y z")
+  vox.add_argument(
+    "--range", type=float, nargs=6, metavar=("XMIN", "YMIN", "ZMIN", "XMAX", "YMAX", "ZMAX"),
+    help="coors_range_xyz (default: the bounding box of the points)",
+  )  # fmt: skip
+  vox.add_argument("--out", type=pathlib.Path, required=True, help="the .npz to write")
+  vox.add_argument("--num-features", type=int, help="columns of a raw .bin (4 for KITTI, 5 for nuScenes)")
+  vox.add_argument("--max-voxels", type=int, help="max_num_voxels (default: the number of points)")
+  vox.add_argument("--max-points", type=int, default=5, help="max_num_points_per_voxel (default 5)")
   commands.add_parser("info", help="print build_info() as JSON")
   args = parser.parse_args(argv)
   if args.command == "demo" and args.steps < 2:
@@ -149,6 +233,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.command == "demo":
     summary = demo(args.scan, args.steps, args.voxel_size)
     print(json.dumps(summary, indent=2))
+  elif args.command == "voxelize":
+    try:
+      s = voxelize_file(
+        args.file, args.voxel_size, args.range, args.out, args.num_features, args.max_voxels, args.max_points
+      )
+    except (OSError, ValueError, ImportError) as error:
+      parser.exit(2, f"jsparse voxelize: error: {error}\n")
+    print(
+      f"{s['file']}: {s['points_read']} points read, {s['points_in_range']} in range, {s['voxels']} voxels "
+      f"(grid zyx {s['spatial_shape_zyx']}), {s['points_dropped']} points dropped "
+      f"({s['voxels_dropped']} voxels over --max-voxels, the rest over --max-points), "
+      f"{1e3 * s['seconds']:.2f} ms (compile {s['compile_seconds']:.2f} s) -> {s['out']}"
+    )
   else:
     print(json.dumps(jsparse.build_info(), indent=2))
 
