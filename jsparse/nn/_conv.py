@@ -87,7 +87,32 @@ class _Conv(SparseModule):
     )
 
 
-class _MapBuildingConv(_Conv):
+class BuildsMap:
+  """The window geometry of a layer that finds or builds its own kernel map (convs and pools)."""
+
+  num_spatial_dims: int
+  kernel_size: tuple[int, ...]
+
+  def _set_window(self, stride, padding, dilation, indice_key, out_capacity) -> None:
+    n = self.num_spatial_dims
+    self.stride = ops.ntuple(stride, n, "stride")
+    self.padding = ops.ntuple(padding, n, "padding")
+    self.dilation = ops.ntuple(dilation, n, "dilation")
+    self.indice_key = indice_key
+    self.out_capacity = out_capacity
+
+  def _window_label(self) -> str:
+    key = "" if self.indice_key is None else f", indice_key={self.indice_key!r}"
+    return f"k={self.kernel_size}, s={self.stride}, p={self.padding}, d={self.dilation}{key}"
+
+  def _window_map(self, x: SparseConvTensor, kind: str, label: str):
+    """``(spec, pairs, indice_dict, overflow)``: the map of this window over ``x`` (see
+    :func:`jsparse.ops.kernel_map`)."""
+    spec = ops.make_spec(kind, x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
+    return spec, *ops.kernel_map(x, spec, self.indice_key, self.out_capacity, label)
+
+
+class _MapBuildingConv(_Conv, BuildsMap):
   """A convolution that finds or builds its kernel map from its own geometry."""
 
   _kind = ""
@@ -118,26 +143,15 @@ class _MapBuildingConv(_Conv):
       dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
       bias_init=bias_init, rngs=rngs,
     )  # fmt: skip
-    self.stride = ops.ntuple(stride, num_spatial_dims, "stride")
-    self.padding = ops.ntuple(padding, num_spatial_dims, "padding")
-    self.dilation = ops.ntuple(dilation, num_spatial_dims, "dilation")
-    self.indice_key = indice_key
-    self.out_capacity = out_capacity
+    self._set_window(stride, padding, dilation, indice_key, out_capacity)
 
   def _label(self) -> str:
-    key = "" if self.indice_key is None else f", indice_key={self.indice_key!r}"
-    return (
-      f"{type(self).__name__}({self.in_channels}->{self.out_channels}, k={self.kernel_size}, "
-      f"s={self.stride}, p={self.padding}, d={self.dilation}{key})"
-    )
+    return f"{type(self).__name__}({self.in_channels}->{self.out_channels}, {self._window_label()})"
 
   def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
     """Convolves ``x``: features ``[capacity_in, C_in]`` -> ``[capacity_out, C_out]``."""
     self._check_input(x)
-    spec = ops.make_spec(
-      self._kind, x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation
-    )
-    pairs, indice_dict, overflow = ops.kernel_map(x, spec, self.indice_key, self.out_capacity, self._label())
+    spec, pairs, indice_dict, overflow = self._window_map(x, self._kind, self._label())
     return self._convolve(x, pairs, spec.out_spatial_shape, indice_dict, overflow)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from jsparse import ops
-from jsparse.nn._conv import IntOrSeq, SparseModule, fixed_ndim
+from jsparse.nn._conv import BuildsMap, IntOrSeq, SparseModule, fixed_ndim
 from jsparse.tensor import SparseConvTensor
 
 
@@ -16,7 +16,7 @@ def _check_tensor(x: object, ndim: int | None, label: str) -> None:
     raise ValueError(f"{label} expects {ndim} spatial dims, got a tensor over {x.spatial_shape}")
 
 
-class _Pool(SparseModule):
+class _Pool(SparseModule, BuildsMap):
   """A window pool: the active set of a ``SparseConv`` with the same geometry, one map per layer."""
 
   _pool = staticmethod(ops.sparse_max_pool)
@@ -34,24 +34,16 @@ class _Pool(SparseModule):
   ):
     self.num_spatial_dims = num_spatial_dims
     self.kernel_size = ops.ntuple(kernel_size, num_spatial_dims, "kernel_size")
-    self.stride = self.kernel_size if stride is None else ops.ntuple(stride, num_spatial_dims, "stride")
-    self.padding = ops.ntuple(padding, num_spatial_dims, "padding")
-    self.dilation = ops.ntuple(dilation, num_spatial_dims, "dilation")
-    self.indice_key = indice_key
-    self.out_capacity = out_capacity
+    stride = self.kernel_size if stride is None else stride
+    self._set_window(stride, padding, dilation, indice_key, out_capacity)
 
   def _label(self) -> str:
-    key = "" if self.indice_key is None else f", indice_key={self.indice_key!r}"
-    return (
-      f"{type(self).__name__}(k={self.kernel_size}, s={self.stride}, p={self.padding}, "
-      f"d={self.dilation}{key})"
-    )
+    return f"{type(self).__name__}({self._window_label()})"
 
   def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
     """Pools ``x``: features ``[capacity_in, C]`` -> ``[capacity_out, C]``."""
     _check_tensor(x, self.num_spatial_dims, self._label())
-    spec = ops.make_spec("pool", x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
-    pairs, indice_dict, overflow = ops.kernel_map(x, spec, self.indice_key, self.out_capacity, self._label())
+    spec, pairs, indice_dict, overflow = self._window_map(x, "pool", self._label())
     return x.replace(
       features=type(self)._pool(x.features, pairs),
       indices=pairs.out_indices,

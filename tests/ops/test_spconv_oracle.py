@@ -10,8 +10,6 @@ asserts on a bias ("cpu don't support act and bias").
 
 from __future__ import annotations
 
-import os
-from types import ModuleType
 from typing import Any
 
 import jax.numpy as jnp
@@ -22,22 +20,9 @@ from flax import nnx
 import jsparse
 from jsparse.cli import voxelize_mean
 from sparse_data import random_sites
+from spconv_import import import_spconv
 
-
-def _import_spconv() -> tuple[ModuleType, ModuleType]:
-  """``(torch, spconv.pytorch)`` loaded with one OpenMP thread, or skips this module."""
-  previous = os.environ.get("OMP_NUM_THREADS")
-  os.environ["OMP_NUM_THREADS"] = "1"  # read once, when spconv's bundled OpenMP runtime loads
-  try:
-    return pytest.importorskip("torch"), pytest.importorskip("spconv.pytorch")
-  finally:
-    if previous is None:
-      del os.environ["OMP_NUM_THREADS"]
-    else:
-      os.environ["OMP_NUM_THREADS"] = previous
-
-
-torch, spconv = _import_spconv()
+torch, spconv = import_spconv("spconv.pytorch")
 
 ATOL = 1e-4
 SHAPE = (9, 10, 11)

@@ -8,9 +8,6 @@ CPU version accumulates the mean across voxels (spconv issue 477); test_voxelize
 
 from __future__ import annotations
 
-import os
-from types import ModuleType
-
 import jax
 import numpy as np
 import pytest
@@ -18,22 +15,9 @@ import pytest
 import jsparse
 from jsparse import _ffi
 from jsparse.utils import PointToVoxel
+from spconv_import import import_spconv
 
-
-def _import_spconv() -> tuple[ModuleType, ModuleType]:
-  """``(torch, spconv.pytorch.utils)`` loaded with one OpenMP thread, or skips this module."""
-  previous = os.environ.get("OMP_NUM_THREADS")
-  os.environ["OMP_NUM_THREADS"] = "1"  # read once, when spconv's bundled OpenMP runtime loads
-  try:
-    return pytest.importorskip("torch"), pytest.importorskip("spconv.pytorch.utils")
-  finally:
-    if previous is None:
-      del os.environ["OMP_NUM_THREADS"]
-    else:
-      os.environ["OMP_NUM_THREADS"] = previous
-
-
-torch, spconv_utils = _import_spconv()
+torch, spconv_utils = import_spconv("spconv.pytorch.utils")
 
 SCANS = {
   "kitti_000008.bin": 4,
