@@ -97,9 +97,14 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
   auto tap_column = [=](int64_t k) { return reverse_taps ? d.taps - 1 - k : k; };
   const int64_t b_pad = RoundUp(d.b, GemmLanes());
   const int64_t ldc = d.groups * b_pad;
-  // Tiles of up to 512 rows keep the float32 accumulators near 64 KiB, and large enough that a
-  // tap's few valid rows still fill most of a kGemmRows block.
-  const int64_t tile = std::clamp<int64_t>(RoundUp(16384 / ldc, kGemmRows), 64, 512);
+  // Tiles of about 256 KiB of float32 accumulators (1024 rows at 64 channels; they stay in L2):
+  // a sparse map has only a few pairs per tap in each row, and large tiles keep the kGemmRows
+  // blocks full and the per-tile work (grouping pairs, clearing, converting) small. At least 4
+  // tiles per thread keep small layers parallel; tiling never changes a row's sums.
+  const int64_t by_size = std::clamp<int64_t>(RoundUp(65536 / ldc, kGemmRows), 64, 2048);
+  const int64_t min_tiles = 4 * std::max<int64_t>(1, pool.num_threads());
+  const int64_t by_threads = RoundUp((d.n_out + min_tiles - 1) / min_tiles, kGemmRows);
+  const int64_t tile = std::max<int64_t>(kGemmRows, std::min(by_size, by_threads));
   const int64_t num_tiles = (d.n_out + tile - 1) / tile;
   auto packed = std::make_shared<std::vector<float>>(PackKernel(kernel, d, b_pad));
   auto body = [=](int64_t task) {
