@@ -406,23 +406,25 @@ struct Candidate {
 
 // The candidates of every task region (`filled[task]` of them at task * region), sorted by key
 // with a stable LSD radix sort; the first pass reads the regions in task order, so the result
-// keeps input-row order among equal keys without a separate compaction.
-std::vector<Candidate> SortCandidates(const std::vector<Candidate>& regions, int64_t region,
-                                      const std::vector<int64_t>& filled, double key_range) {
-  int64_t total = 0;
-  for (int64_t f : filled) total += f;
+// keeps input-row order among equal keys without a separate compaction. Returns the `total`
+// sorted candidates. Arrays of candidates are left uninitialized: every slot read was written.
+std::unique_ptr<Candidate[]> SortCandidates(const Candidate* regions, int64_t region,
+                                            const std::vector<int64_t>& filled, double key_range,
+                                            int64_t* total) {
+  *total = 0;
+  for (int64_t f : filled) *total += f;
   const RadixDigits digits(key_range);
-  std::vector<Candidate> sorted(total), buffer(total);
+  std::unique_ptr<Candidate[]> sorted(new Candidate[*total]), buffer(new Candidate[*total]);
   std::vector<int64_t> offsets(int64_t{1} << digits.width);
   for (int pass = 0; pass < digits.passes; ++pass) {
     // Visits the source of this pass: the task regions first, then the previous pass's output.
     auto for_each = [&](auto&& visit) {
       if (pass > 0) {
-        for (const Candidate& c : sorted) visit(c);
+        for (int64_t e = 0; e < *total; ++e) visit(sorted[e]);
         return;
       }
       for (size_t task = 0; task < filled.size(); ++task) {
-        const Candidate* first = regions.data() + task * region;
+        const Candidate* first = regions + task * region;
         for (const Candidate* c = first; c < first + filled[task]; ++c) visit(*c);
       }
     };
@@ -471,7 +473,7 @@ ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryA
   const int64_t clear_tasks = (capacity + kRowsPerTask - 1) / kRowsPerTask;
   // Candidates of input task `task` live at [task * region, ...); `filled[task]` counts them.
   const int64_t region = kRowsPerTask * per_input;
-  auto candidates = std::make_shared<std::vector<Candidate>>(input_tasks * region);
+  std::shared_ptr<Candidate[]> candidates(new Candidate[input_tasks * region]);
   auto filled = std::make_shared<std::vector<int64_t>>(input_tasks, 0);
   const int taps = static_cast<int>(g.taps);
   auto body = [=](auto ndim_constant) {
@@ -485,7 +487,7 @@ ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryA
         return;
       }
       std::vector<int64_t> axis_table(AxisTableSize(g));
-      Candidate* mine = candidates->data() + task * region;
+      Candidate* mine = candidates.get() + task * region;
       int64_t used = 0;
       for (int64_t r = task * kRowsPerTask; r < std::min(n, (task + 1) * kRowsPerTask); ++r) {
         const int32_t* row = in + r * (1 + g.ndim);
@@ -501,10 +503,11 @@ ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryA
   };
   const double key_range = OutputKeyRange(g);
   auto finish = [=]() {
-    std::vector<Candidate> sorted = SortCandidates(*candidates, region, *filled, key_range);
+    int64_t total;
+    const std::unique_ptr<Candidate[]> sorted = SortCandidates(candidates.get(), region, *filled, key_range, &total);
     std::vector<uint64_t> sites;  // the distinct keys that fit, in order
     int64_t distinct = 0;
-    for (size_t e = 0; e < sorted.size(); ++e) {
+    for (int64_t e = 0; e < total; ++e) {
       if (e == 0 || sorted[e].key != sorted[e - 1].key) {
         if (distinct++ < capacity) sites.push_back(sorted[e].key);
       }
