@@ -26,18 +26,20 @@ def overflow_entry(needed: jax.Array, capacity: int) -> jax.Array:
 
 
 def check_capacity(x: Any) -> None:
-  """Host-side check that no layer dropped sites for lack of capacity.
+  """Host-side check that nothing was dropped for lack of capacity.
 
   Under ``jit`` capacities are static, so a layer that finds more output sites than its
   ``out_capacity`` keeps the first ``out_capacity`` (in (batch, coords) order) and records the
-  shortfall in the tensor's ``overflow`` dict. Call this after a step (outside jit) on the output
-  tensor, or on its ``overflow`` dict returned as an auxiliary output.
+  shortfall in the tensor's ``overflow`` dict; ``from_dense``, ``sparse_add`` (their ``capacity``)
+  and ``PointToVoxel`` (``max_num_voxels``, via its ``overflow`` method) record theirs the same
+  way. Call this after a step (outside jit) on the output tensor, or on an ``overflow`` dict
+  returned as an auxiliary output.
 
   Args:
-    x: a ``SparseConvTensor`` or its ``overflow`` dict ``{label: int32 [needed, capacity]}``.
+    x: a ``SparseConvTensor`` or an ``overflow`` dict ``{label: int32 [needed, capacity]}``.
 
   Raises:
-    CapacityError: naming every layer that needed more capacity than it had.
+    CapacityError: naming every record whose capacity was too small.
 
   >>> import jax.numpy as jnp
   >>> check_capacity({"000 SparseConv3d": jnp.array([10, 16])})  # fits: returns None
@@ -48,12 +50,12 @@ def check_capacity(x: Any) -> None:
     needed, capacity = (int(v) for v in np.asarray(record))
     if needed > capacity:
       short.append(
-        f"{label}: needed {needed} output sites but out_capacity is {capacity}; "
-        f"set out_capacity >= {needed} (e.g. jsparse.round_capacity({needed}) = "
-        f"{round_capacity(needed)})"
+        f"{label}: needed {needed} rows but its capacity is {capacity}; set it (a layer's "
+        f"out_capacity, the capacity of from_dense or sparse_add, PointToVoxel's max_num_voxels) "
+        f">= {needed} (e.g. jsparse.round_capacity({needed}) = {round_capacity(needed)})"
       )
   if short:
-    raise CapacityError("sites were dropped for lack of capacity:\n  " + "\n  ".join(short))
+    raise CapacityError("rows were dropped for lack of capacity:\n  " + "\n  ".join(short))
 
 
 def round_capacity(n: int, minimum: int = 16) -> int:

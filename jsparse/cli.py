@@ -17,6 +17,7 @@ from flax import nnx
 
 import jsparse
 from jsparse import nn as spnn
+from jsparse.ops import points_in_range
 from jsparse.utils import PointToVoxel, read_points
 
 DEFAULT_SCAN = pathlib.Path("..") / "shared" / "data" / "kitti_000008.bin"
@@ -94,9 +95,7 @@ def voxelize_file(
   seconds = time.perf_counter() - compiled
   voxels, coords, counts, ids, num_voxels = (np.asarray(a) for a in result)
   stored = min(int(num_voxels), gen.max_num_voxels)
-  xyz = points[:, :3]
-  cells = np.floor((xyz - np.float32(coors_range[:3])) / np.float32(size))
-  in_range = np.all(np.isfinite(cells) & (cells >= 0) & (cells < np.array(gen.grid_size_xyz)), axis=1)
+  in_range = np.asarray(points_in_range(points, size, coors_range))
   outputs = dict(voxels=voxels, coords=coords, num_points_per_voxel=counts)
   np.savez(
     out,
@@ -113,7 +112,6 @@ def voxelize_file(
     "voxels": stored,
     "voxels_dropped": int(num_voxels) - stored,
     "points_dropped": int(in_range.sum()) - int(counts[:stored].sum()),
-    "points_without_voxel": int(np.sum(in_range & (ids < 0))),
     "spatial_shape_zyx": list(gen.spatial_shape),
     "coors_range_xyz": coors_range,
     "seconds": seconds,

@@ -23,4 +23,5 @@ from jsparse.ops._pool import global_avg_pool as global_avg_pool
 from jsparse.ops._pool import global_max_pool as global_max_pool
 from jsparse.ops._pool import sparse_avg_pool as sparse_avg_pool
 from jsparse.ops._pool import sparse_max_pool as sparse_max_pool
+from jsparse.ops._voxelize import points_in_range as points_in_range
 from jsparse.ops._voxelize import voxelize as voxelize

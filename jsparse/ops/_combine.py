@@ -53,7 +53,7 @@ def _check_operands(tensors: tuple[Any, ...], op: str) -> None:
       )
 
 
-def merged_overflow(tensors: tuple[SparseConvTensor, ...]) -> dict[str, jax.Array]:
+def _merged_overflow(tensors: tuple[SparseConvTensor, ...]) -> dict[str, jax.Array]:
   """The operands' overflow records in one dict; a clashing label gets the operand's number."""
   merged: dict[str, jax.Array] = {}
   for j, t in enumerate(tensors):
@@ -93,7 +93,7 @@ def add_same_sites(x: SparseConvTensor, y: SparseConvTensor) -> SparseConvTensor
   return x.replace(
     features=x.features + y.features,
     indice_dict=_merged_dicts((x, y)),
-    overflow=merged_overflow((x, y)),
+    overflow=_merged_overflow((x, y)),
   )
 
 
@@ -119,7 +119,7 @@ def sparse_cat(*tensors: SparseConvTensor) -> SparseConvTensor:
   return tensors[0].replace(
     features=jnp.concatenate([t.features for t in tensors], axis=1),
     indice_dict=_merged_dicts(tensors),
-    overflow=merged_overflow(tensors),
+    overflow=_merged_overflow(tensors),
   )
 
 
@@ -177,7 +177,7 @@ def sparse_add(*tensors: SparseConvTensor, capacity: int | None = None) -> Spars
     raise ValueError(f"sparse_add: operands must have one channel count, got {sorted(channels)}")
   first = tensors[0]
   spec = _one_tap_spec(first)
-  overflow = merged_overflow(tensors)
+  overflow = _merged_overflow(tensors)
   indices = tuple(t.indices for t in tensors)
   upper = sum(t.capacity for t in tensors)
   if is_concrete(*indices):

@@ -112,6 +112,28 @@ def _cells(points, vsize, low, grid, num_points):
   return jnp.where(valid[:, None], cells, 0), valid
 
 
+def _geometry(voxel_size, coors_range) -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]]:
+  """``(vsize, low, grid)``: voxel size and range minima rounded to float32, and the grid (xyz)."""
+  grid = grid_size(voxel_size, coors_range)
+  vsize = tuple(float(np.float32(v)) for v in voxel_size)
+  low = tuple(float(np.float32(v)) for v in coors_range[: len(grid)])
+  return vsize, low, grid
+
+
+def points_in_range(
+  points: jax.Array, voxel_size: Sequence[float], coors_range: Sequence[float]
+) -> jax.Array:
+  """bool ``[P]``: the points of float32 ``[P, F]`` whose cell lies in the grid (the rule
+  :func:`voxelize` applies before any capacity limit).
+
+  >>> import jax.numpy as jnp
+  >>> pts = jnp.array([[0.5, 0.5], [4.5, 0.5], [jnp.nan, 0.0]])
+  >>> points_in_range(pts, (1.0, 1.0), (0.0, 0.0, 4.0, 4.0)).tolist()
+  [True, False, False]
+  """
+  return _cells(jnp.asarray(points, jnp.float32), *_geometry(voxel_size, coors_range), points.shape[0])[1]
+
+
 def _voxelize_reference(points, num_points, vsize, low, grid, max_voxels, max_points, empty_mean):
   p, features = points.shape
   ndim = len(grid)
@@ -229,9 +251,12 @@ def _voxelize(
   num_points = jnp.asarray(num_points, jnp.int32)
   if num_points.ndim != 0:
     raise ValueError(f"num_points must be a scalar, got shape {num_points.shape}")
-  vsize = tuple(float(np.float32(v)) for v in voxel_size)
-  low = tuple(float(np.float32(v)) for v in coors_range[:ndim])
-  static = (vsize, low, grid, int(max_num_voxels), int(max_num_points_per_voxel), bool(empty_mean))
+  static = (
+    *_geometry(voxel_size, coors_range),
+    int(max_num_voxels),
+    int(max_num_points_per_voxel),
+    bool(empty_mean),
+  )
   return _backend.dispatch(
     _TARGET,
     lambda pts, n: _voxelize_ffi(pts, n, *static),

@@ -107,9 +107,7 @@ def test_capacity_eager_sizes_to_fit_or_raises_and_jit_records_overflow():
   with pytest.raises(jsparse.CapacityError, match=f"{needed} active sites but out_capacity={needed - 1}"):
     layer(x)
   y = nnx.jit(lambda layer, x: layer(x))(layer, x)
-  with pytest.raises(
-    jsparse.CapacityError, match=f"needed {needed} output sites but out_capacity is {needed - 1}"
-  ):
+  with pytest.raises(jsparse.CapacityError, match=f"needed {needed} rows but its capacity is {needed - 1}"):
     jsparse.check_capacity(y)
   assert int(y.num_active) == needed - 1  # the first sites in (batch, coords) order are kept
   layer.out_capacity = jsparse.round_capacity(needed)

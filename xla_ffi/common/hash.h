@@ -37,6 +37,14 @@ JSPARSE_HD inline uint64_t SiteSlot(uint64_t key, uint64_t mask) {
   return ((MixKey64(key >> 3) << 3) | (key & 7)) & mask;
 }
 
+// Slots of an open-addressing table for up to `entries` keys: a power of two (probes wrap with
+// a mask) that keeps the load factor at most 2/3.
+inline int64_t TableSlots(int64_t entries) {
+  int64_t slots = 16;
+  while (slots < entries + entries / 2) slots *= 2;
+  return slots;
+}
+
 // Linear probing: the slot after `slot` in a table of `capacity` slots.
 JSPARSE_HD inline int64_t NextSlot(int64_t slot, int64_t capacity) {
   return slot + 1 == capacity ? 0 : slot + 1;

@@ -20,6 +20,7 @@
 #include "features.h"
 #include "float_convert.h"
 #include "gemm.h"
+#include "errors.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 

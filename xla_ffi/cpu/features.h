@@ -1,8 +1,6 @@
 // Helpers shared by the CPU handlers that take feature buffers (conv, pool): dtype checks and
-// dispatch, and shapes spelled out in error messages.
+// dispatch.
 #pragma once
-
-#include <string>
 
 #include "float_convert.h"
 #include "xla/ffi/api/ffi.h"
@@ -14,13 +12,6 @@ namespace ffi = xla::ffi;
 // Feature dtypes the kernels read and write; they accumulate in float32.
 inline bool IsFeatureType(ffi::DataType t) {
   return t == ffi::F32 || t == ffi::BF16 || t == ffi::F16;
-}
-
-// "[d0, d1, ...]", for error messages.
-inline std::string Shape(ffi::AnyBuffer::Dimensions dims) {
-  std::string s = "[";
-  for (size_t d = 0; d < dims.size(); ++d) s += (d ? ", " : "") + std::to_string(dims[d]);
-  return s + "]";
 }
 
 // fn(static_cast<T*>(nullptr)) with T the storage type of a (validated) feature dtype.

@@ -18,6 +18,7 @@
 
 #include "../common/hash.h"
 #include "../common/registry.h"
+#include "errors.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -107,12 +108,6 @@ void ComputeInsertExistKeys(const K* table_keys, V* table_values, int64_t capaci
 
 // ---- argument checks --------------------------------------------------------------------------
 
-std::string DimsString(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t d = 0; d < dims.size(); ++d) s += (d ? ", " : "") + std::to_string(dims[d]);
-  return s + "]";
-}
-
 bool IsKeyType(ffi::DataType t) { return t == ffi::S32 || t == ffi::S64; }
 bool IsValueType(ffi::DataType t) {
   return t == ffi::S32 || t == ffi::S64 || t == ffi::F32 || t == ffi::F64;
@@ -134,10 +129,10 @@ std::string ValidateTable(const std::string& op, const Operand& table_keys, cons
            "HashTable.create";
   }
   if (tk.size() < 1 || tk.back() < 1) {
-    return op + "the table's keys must be [capacity] with capacity >= 1, got shape " + DimsString(tk);
+    return op + "the table's keys must be [capacity] with capacity >= 1, got shape " + Shape(tk);
   }
   if (!(tv == tk)) {
-    return op + "the table's keys " + DimsString(tk) + " and values " + DimsString(tv) +
+    return op + "the table's keys " + Shape(tk) + " and values " + Shape(tv) +
            " must have the same shape [capacity]";
   }
   if (keys.element_type() != table_keys.element_type()) {
@@ -148,7 +143,7 @@ std::string ValidateTable(const std::string& op, const Operand& table_keys, cons
   for (size_t d = 0; batch_ok && d + 1 < k.size(); ++d) batch_ok = k[d] == tk[d];
   if (!batch_ok) {
     return op + "keys must be [N] (with the table's leading vmap dimensions), got shape " +
-           DimsString(k) + " for a table of shape " + DimsString(tk);
+           Shape(k) + " for a table of shape " + Shape(tk);
   }
   return {};
 }
@@ -160,8 +155,8 @@ std::string ValidateValues(const std::string& op, const char* what, ffi::DataTyp
     return op + what + " must have the table's value dtype; cast them with .astype";
   }
   if (!(dims == keys.dimensions())) {
-    return op + what + " must have the shape of keys " + DimsString(keys.dimensions()) + ", got " +
-           DimsString(dims);
+    return op + what + " must have the shape of keys " + Shape(keys.dimensions()) + ", got " +
+           Shape(dims);
   }
   return {};
 }

@@ -28,6 +28,7 @@
 #include "../common/hash.h"
 #include "../common/kmap.h"
 #include "../common/registry.h"
+#include "errors.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -45,12 +46,6 @@ void StoreMinRow(int32_t* cell, int32_t value) {
   while ((seen == -1 || value < seen) &&
          !__atomic_compare_exchange_n(cell, &seen, value, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
-}
-
-int64_t TableSlots(int64_t entries) {
-  int64_t slots = 16;
-  while (slots < entries + entries / 2) slots *= 2;  // load factor <= 2/3
-  return slots;
 }
 
 // Site key -> first row holding it; built once, then read concurrently.

@@ -14,7 +14,6 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <string>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
@@ -22,13 +21,6 @@
 namespace jsparse {
 
 namespace ffi = xla::ffi;
-
-// A future that has already failed with InvalidArgument(message).
-inline ffi::Future InvalidArgumentFuture(const std::string& message) {
-  ffi::Promise promise;
-  promise.SetError(ffi::Error::InvalidArgument(message));
-  return ffi::Future(promise);
-}
 
 // Runs body(task) for every task in [0, num_tasks) on the pool, then finish() once on the thread
 // that completed the last task; the returned future becomes available after finish() returns.

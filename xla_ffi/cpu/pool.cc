@@ -20,6 +20,7 @@
 #include "../common/registry.h"
 #include "features.h"
 #include "float_convert.h"
+#include "errors.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 

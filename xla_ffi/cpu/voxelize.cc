@@ -24,6 +24,7 @@
 
 #include "../common/hash.h"
 #include "../common/registry.h"
+#include "errors.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -83,12 +84,6 @@ void* TableMemory(size_t bytes) {
   thread_local std::vector<uint64_t> memory;
   if (memory.size() * sizeof(uint64_t) < bytes) memory.resize((bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t));
   return memory.data();
-}
-
-int64_t TableSlots(int64_t entries) {
-  int64_t slots = 16;
-  while (slots < entries + entries / 2) slots *= 2;  // load factor <= 2/3
-  return slots;
 }
 
 // The cell key of `point` (first ndim columns are x, y, ...), or kEmptyKey when it lies outside
@@ -206,12 +201,6 @@ void StorePoints(const float* points, const int32_t* ids, int64_t active, int64_
   std::fill(coords + used * ndim, coords + max_voxels * ndim, -1);
 }
 
-std::string DimsString(ffi::Span<const int64_t> dims) {
-  std::string s = "[";
-  for (size_t d = 0; d < dims.size(); ++d) s += (d ? ", " : "") + std::to_string(dims[d]);
-  return s + "]";
-}
-
 // Checks the attributes and fills `g`; returns an error message or an empty string.
 std::string MakeGeometry(const std::string& op, ffi::Span<const float> vsize, ffi::Span<const float> low,
                          ffi::Span<const int64_t> grid, VoxelGeometry* g) {
@@ -230,7 +219,7 @@ std::string MakeGeometry(const std::string& op, ffi::Span<const float> vsize, ff
       return op + "voxel_size must be positive and finite and range_min finite on every axis";
     }
     if (grid[a] < 1 || grid[a] > INT32_MAX) {
-      return op + "grid_size must be in [1, 2**31 - 1] on every axis, got " + DimsString(grid);
+      return op + "grid_size must be in [1, 2**31 - 1] on every axis, got " + Shape(grid);
     }
     g->vsize[a] = vsize[a];
     g->low[a] = low[a];
@@ -239,7 +228,7 @@ std::string MakeGeometry(const std::string& op, ffi::Span<const float> vsize, ff
     stride *= static_cast<uint64_t>(grid[a]);
     cells *= static_cast<double>(grid[a]);
   }
-  if (cells >= 4.0e18) return op + "the grid " + DimsString(grid) + " has more cells than 64-bit keys hold";
+  if (cells >= 4.0e18) return op + "the grid " + Shape(grid) + " has more cells than 64-bit keys hold";
   g->cells = stride;
   return {};
 }
@@ -256,7 +245,7 @@ ffi::Future Voxelize(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer
   const auto vd = voxels_out->dimensions();
   if (message.empty() && (points.element_type() != ffi::F32 || pd.size() != 2 || pd[1] < g->ndim)) {
     message = op + "points must be float32 [P, F] with F >= " + std::to_string(g->ndim) +
-              " (coordinates first), got shape " + DimsString(pd);
+              " (coordinates first), got shape " + Shape(pd);
   }
   if (message.empty() && pd[0] > INT32_MAX) message = op + "more points than int32 ids reach";
   if (message.empty() && (num_points.element_type() != ffi::S32 || num_points.dimensions().size() != 0)) {
@@ -265,7 +254,7 @@ ffi::Future Voxelize(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer
   if (message.empty() && (voxels_out->element_type() != ffi::F32 || vd.size() != 3 || vd[0] < 1 ||
                           vd[1] < 1 || vd[2] != pd[1] || vd[0] > INT32_MAX)) {
     message = op + "voxels must be float32 [max_num_voxels, max_num_points_per_voxel, F] with both " +
-              "maxima >= 1 and F = " + std::to_string(pd[1]) + ", got shape " + DimsString(vd);
+              "maxima >= 1 and F = " + std::to_string(pd[1]) + ", got shape " + Shape(vd);
   }
   if (message.empty()) {
     const auto cd = coords_out->dimensions();
