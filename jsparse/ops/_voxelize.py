@@ -12,10 +12,11 @@ Semantics (``voxel_size`` and ``coors_range`` in xyz, outputs in zyx), per axis 
 - ``empty_mean=True`` fills a voxel's empty slots with the mean of its stored points (per voxel;
   spconv's CPU version accumulates across voxels, issue 477).
 
-Two backends (:func:`jsparse.backend`) with bitwise identical results: the FFI kernel
-(``xla_ffi/cpu/voxelize.cc``: first-come ids from a hash table of cell keys, while other threads
-zero the output) and a jnp reference that sorts points by cell. Under ``vmap`` each cloud is
-voxelized on its own (the FFI kernel runs once per cloud).
+Two backends (:func:`jsparse.backend`) with bitwise identical results: the FFI kernels
+(``xla_ffi/cpu/voxelize.cc``: first-come ids from a hash table of cell keys while other threads
+compute the keys ahead, then all threads fill the voxel rows) and a jnp reference that sorts
+points by cell. Under ``vmap`` each cloud is voxelized on its own (the FFI kernels run once per
+cloud).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from jax import lax
 
 from jsparse.ops import _backend
 
-_TARGET = "jsparse_voxelize"
+_ASSIGN = "jsparse_voxelize_assign"
+_STORE = "jsparse_voxelize_store"
 # Cells are compared in float before any integer conversion: q < 2**31 keeps it defined.
 _CELL_LIMIT = np.float32(2**31)
 
@@ -180,23 +182,33 @@ def _fill_empty_with_mean(voxels: jax.Array, counts: jax.Array) -> jax.Array:
 
 def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, empty_mean):
   p, features = points.shape
-  outputs = Voxels(
-    jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32),
-    jax.ShapeDtypeStruct((max_voxels, len(grid)), jnp.int32),
-    jax.ShapeDtypeStruct((max_voxels,), jnp.int32),
-    jax.ShapeDtypeStruct((p,), jnp.int32),
-    jax.ShapeDtypeStruct((), jnp.int32),
+  ndim = len(grid)
+
+  def int32(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+  # Two calls (each handler has one parallel phase): first-come ids and slots, then the voxels.
+  assign = jax.ffi.ffi_call(
+    _ASSIGN,
+    (int32(max_voxels, ndim), int32(max_voxels), int32(p), int32(p), int32()),
+    vmap_method="sequential",
   )
-  call = jax.ffi.ffi_call(_TARGET, tuple(outputs), vmap_method="sequential")
-  result = call(
+  coords, counts, ids, slots, num_voxels = assign(
     points,
     num_points,
     voxel_size=np.asarray(vsize, np.float32),
     range_min=np.asarray(low, np.float32),
     grid_size=np.asarray(grid, np.int64),
-    empty_mean=np.int64(empty_mean),
+    max_points_per_voxel=np.int64(max_points),
   )
-  return Voxels(*result)
+  store = jax.ffi.ffi_call(
+    _STORE,
+    (jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32), coords, counts),
+    input_output_aliases={3: 1, 4: 2},
+    vmap_method="sequential",
+  )
+  voxels, coords, counts = store(points, slots, num_voxels, coords, counts, empty_mean=np.int64(empty_mean))
+  return Voxels(voxels, coords, counts, ids, num_voxels)
 
 
 def _voxelize(
@@ -258,7 +270,7 @@ def _voxelize(
     bool(empty_mean),
   )
   return _backend.dispatch(
-    _TARGET,
+    _ASSIGN,
     lambda pts, n: _voxelize_ffi(pts, n, *static),
     lambda pts, n: _voxelize_reference(pts, n, *static),
     points,

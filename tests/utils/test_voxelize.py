@@ -275,30 +275,37 @@ def test_validation_errors():
 
 @pytest.mark.skipif(not _ffi.built("cpu"), reason="the C++ extension is not built")
 def test_ffi_rejects_bad_attributes():
-  """The handler validates on its own (for callers that bypass the Python checks)."""
-  call = jax.ffi.ffi_call(
-    "jsparse_voxelize",
-    (
-      jax.ShapeDtypeStruct((4, 2, 3), jnp.float32),
-      jax.ShapeDtypeStruct((4, 3), jnp.int32),
-      jax.ShapeDtypeStruct((4,), jnp.int32),
-      jax.ShapeDtypeStruct((5,), jnp.int32),
-      jax.ShapeDtypeStruct((), jnp.int32),
-    ),
-    vmap_method="sequential",
-  )
+  """The handlers validate on their own (for callers that bypass the Python checks)."""
   _ffi.targets("cpu")
+  int32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  assign = jax.ffi.ffi_call(
+    "jsparse_voxelize_assign", (int32(4, 3), int32(4), int32(5), int32(5), int32()), vmap_method="sequential"
+  )
+  good = dict(
+    range_min=np.zeros(3, np.float32),
+    grid_size=np.array([2, 2, 2], np.int64),
+    max_points_per_voxel=np.int64(2),
+  )
   with pytest.raises(Exception, match="voxel_size must be positive"):
     jax.block_until_ready(
-      call(
-        jnp.zeros((5, 3), jnp.float32),
-        jnp.int32(5),
-        voxel_size=np.array([1, -1, 1], np.float32),
-        range_min=np.zeros(3, np.float32),
-        grid_size=np.array([2, 2, 2], np.int64),
-        empty_mean=np.int64(0),
+      assign(
+        jnp.zeros((5, 3), jnp.float32), jnp.int32(5), voxel_size=np.array([1, -1, 1], np.float32), **good
       )
     )
+  with pytest.raises(Exception, match=r"points must be float32 \[P, F\] with F >= 3"):
+    jax.block_until_ready(
+      assign(jnp.zeros((5, 2), jnp.float32), jnp.int32(5), voxel_size=np.ones(3, np.float32), **good)
+    )
+  store = jax.ffi.ffi_call(
+    "jsparse_voxelize_store",
+    (jax.ShapeDtypeStruct((4, 2, 3), jnp.float32), int32(4, 3), int32(4)),
+    input_output_aliases={3: 1, 4: 2},
+    vmap_method="sequential",
+  )
+  points, slots = jnp.zeros((5, 3), jnp.float32), jnp.zeros(4, jnp.int32)  # slots of the wrong length
+  coords, counts = jnp.zeros((4, 3), jnp.int32), jnp.zeros(4, jnp.int32)
+  with pytest.raises(Exception, match="jsparse_voxelize_store: expects"):
+    jax.block_until_ready(store(points, slots, jnp.int32(0), coords, counts, empty_mean=np.int64(0)))
 
 
 # ---- jsparse.utils ------------------------------------------------------------------------------

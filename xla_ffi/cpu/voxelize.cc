@@ -1,31 +1,34 @@
 // Point-cloud voxelization on CPU (jsparse.ops.voxelize): spconv 2.3's PointToVoxel, jittable.
 //
-// One handler call, one parallel phase on the XLA intra-op pool (parallel.h), three parts:
-// 1. Task 0, serial: every point's cell (float32 (p - min) / vsize, floored, per axis), then
-//    first-come voxel ids from an open-addressing table of packed cell keys. Voxel ids are the
-//    order in which points open voxels, an inherently sequential rule; the table is small (about
-//    2 slots per point) and its probes are prefetched in groups.
-// 2. Meanwhile, tasks 1.. zero the voxels output in 1 MiB chunks (mostly padding rows: the
-//    output is sized for max_num_voxels).
-// 3. After the last task, on the thread that ran it: each point is copied into the next free
-//    slot of its voxel (so a voxel keeps its first max_points points, in point order), empty
-//    slots get the voxel's mean if asked, and padding rows get coords -1.
-// Every part writes outputs no other part writes at the same time, and no result depends on
-// which thread ran what, so outputs are bitwise identical for any thread count.
-// Points with a non-finite or out-of-range cell, and rows at or past num_points, get id -1;
+// Two handlers, called one after the other (parallel.h: one parallel phase per call):
+// 1. jsparse_voxelize_assign: first-come voxel ids. Ids follow the order in which points open
+//    voxels, an inherently sequential rule, so one task (the inserter) walks the points in order
+//    through an open-addressing table of packed cell keys, while the other tasks compute the cell
+//    keys of later chunks of points ahead of it. It writes every point's id and voxel slot, and
+//    every voxel's cell and count.
+// 2. jsparse_voxelize_store: tasks over chunks of points copy each stored point into its slot,
+//    while tasks over ranges of voxel rows zero the empty slots and turn the rows past the
+//    opened voxels into padding (zeros, coords -1, count 0): every element is written once, by
+//    one task. With empty_mean, the empty slots get the voxel's mean after all tasks.
+// No output depends on which thread ran what, so outputs are bitwise identical for any thread
+// count. Points with a non-finite or out-of-range cell, and rows at or past num_points, get id -1;
 // points that would open a voxel past max_num_voxels get id -1 but are counted in num_voxels.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../common/hash.h"
 #include "../common/registry.h"
 #include "errors.h"
 #include "parallel.h"
+#include "scratch.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -35,8 +38,10 @@ namespace {
 
 constexpr int kMaxVoxelNdim = 4;
 constexpr uint64_t kEmptyKey = ~0ull;  // cell keys stay below 2**62
-constexpr int64_t kPointGroup = 32;    // points whose table slots are prefetched together
-constexpr int64_t kZeroChunk = int64_t{1} << 18;  // floats zeroed per task (1 MiB)
+constexpr int64_t kCellChunk = 1024;   // points per chunk of cell keys handed to the inserter
+constexpr int64_t kPrefetchAhead = 16;  // table slots prefetched ahead of the inserter
+constexpr int64_t kRowChunkFloats = int64_t{1} << 16;  // voxel floats per row task (256 KiB)
+constexpr int64_t kPointChunk = 8192;                 // points per copying task
 
 // The static geometry, in the handler's axis order (xyz, as the attributes give it).
 struct VoxelGeometry {
@@ -77,128 +82,173 @@ struct WideTable {
   static int32_t Voxel(const Slot& s) { return s.voxel; }
 };
 
-// The table's memory, kept for later calls on the same thread: a fresh allocation of this size is
-// returned to the OS on free and page-faults again on first touch (hundreds of faults a call).
-// Only part 1 uses it, from start to end within one task on one thread.
-void* TableMemory(size_t bytes) {
-  thread_local std::vector<uint64_t> memory;
-  if (memory.size() * sizeof(uint64_t) < bytes) memory.resize((bytes + sizeof(uint64_t) - 1) / sizeof(uint64_t));
-  return memory.data();
-}
+// Cell keys computed ahead of the inserter, a chunk of kCellChunk points at a time. A chunk is
+// claimed by one task (pending -> running), computed, then published (ready). The inserter never
+// waits for a pending chunk: it claims and computes it itself, so it only ever waits for a chunk
+// that a running task is computing (and meanwhile computes later chunks), and the phase completes
+// with any number of threads.
+struct CellKeys {
+  enum State : int32_t { kPending, kRunning, kReady };
 
-// The cell key of `point` (first ndim columns are x, y, ...), or kEmptyKey when it lies outside
-// the grid. The float32 arithmetic is spconv's: floor((p - low) / vsize) per axis. Branch-free
-// (valid points interleave with invalid ones unpredictably); out-of-range, NaN and infinite
-// quotients are replaced by 0 before the integer conversion, which would be undefined for them.
-template <int kNdim>
-inline uint64_t CellKey(const VoxelGeometry& g, const float* point, int32_t* cell) {
-  uint64_t key = 0;
-  bool inside = true;
-  for (int a = 0; a < kNdim; ++a) {
-    const float q = (point[a] - g.low[a]) / g.vsize[a];
-    const bool finite = q >= 0.0f && q < 2147483648.0f;  // false for NaN
-    const int64_t c = static_cast<int64_t>(finite ? q : 0.0f);  // q >= 0: truncation is floor
-    inside &= finite & (c < g.grid[a]);
-    cell[a] = static_cast<int32_t>(c);
-    key += static_cast<uint64_t>(c) * g.stride[a];
+  // Carves the arrays (and the inserter's table of `table_bytes`) out of one scratch block.
+  CellKeys(int64_t points, int ndim, size_t table_bytes)
+      : num_chunks((points + kCellChunk - 1) / kCellChunk),
+        scratch(AcquireScratch(Bytes(points, ndim, table_bytes))) {
+    std::byte* next = scratch.get();
+    auto carve = [&next](size_t bytes) {
+      std::byte* start = next;
+      next += (bytes + 63) / 64 * 64;
+      return start;
+    };
+    key = reinterpret_cast<uint64_t*>(carve(points * sizeof(uint64_t)));
+    slot = reinterpret_cast<uint64_t*>(carve(points * sizeof(uint64_t)));
+    cell = reinterpret_cast<int32_t*>(carve(points * ndim * sizeof(int32_t)));
+    table = carve(table_bytes);
+    state = new (carve(num_chunks * sizeof(std::atomic<int32_t>))) std::atomic<int32_t>[num_chunks];
+    for (int64_t c = 0; c < num_chunks; ++c) state[c].store(kPending, std::memory_order_relaxed);
   }
-  return inside ? key : kEmptyKey;
-}
+  static size_t Bytes(int64_t points, int ndim, size_t table_bytes) {
+    const int64_t chunks = (points + kCellChunk - 1) / kCellChunk;
+    return 5 * 64 + points * (2 * sizeof(uint64_t) + ndim * sizeof(int32_t)) + table_bytes +
+           chunks * sizeof(std::atomic<int32_t>);
+  }
 
-// Inputs and outputs of part 1.
-struct AssignArgs {
-  const float* points;
-  int64_t num_rows, features, active, max_voxels;
-  int32_t *ids, *coords;
-  void* table;  // table_slots slots of the Table's type
-  int64_t table_slots;
+  bool Claim(int64_t chunk) {
+    int32_t expected = kPending;
+    return state[chunk].compare_exchange_strong(expected, kRunning, std::memory_order_relaxed);
+  }
+  void Publish(int64_t chunk) { state[chunk].store(kReady, std::memory_order_release); }
+  bool Ready(int64_t chunk) const { return state[chunk].load(std::memory_order_acquire) == kReady; }
+
+  const int64_t num_chunks;
+  std::atomic<int64_t> next_chunk{0};  // the helpers' cursor
+  std::shared_ptr<std::byte> scratch;
+  uint64_t* key;   // [P] packed cell, kEmptyKey outside the grid
+  uint64_t* slot;  // [P] first table slot; the always-empty sentinel if outside the grid
+  int32_t* cell;   // [P, ndim] in zyx order (the coords of a voxel it opens)
+  std::byte* table;  // the inserter's
+  std::atomic<int32_t>* state;  // [chunks]
 };
 
-// Part 1: ids[i] for every point and the coords of the opened voxels. Returns how many voxels the
+// Keys, first slots and cells of points [begin, end). The float32 arithmetic is spconv's:
+// floor((p - low) / vsize) per axis. Branch-free (valid points interleave with invalid ones
+// unpredictably); out-of-range, NaN and infinite quotients are replaced by 0 before the integer
+// conversion, which would be undefined for them.
+template <int kNdim>
+void ComputeCellKeys(const VoxelGeometry& g, const float* points, int64_t features, int64_t begin,
+                     int64_t end, uint64_t mask, CellKeys& out) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float* point = points + i * features;
+    int32_t* cell = out.cell + i * kNdim;
+    uint64_t key = 0;
+    bool inside = true;
+    for (int a = 0; a < kNdim; ++a) {
+      const float q = (point[a] - g.low[a]) / g.vsize[a];
+      const bool finite = (q >= 0.0f) & (q < 2147483648.0f);  // false for NaN
+      const int32_t c = static_cast<int32_t>(finite ? q : 0.0f);  // q >= 0: truncation is floor
+      inside &= finite & (c < g.grid[a]);
+      cell[kNdim - 1 - a] = c;  // zyx: the reverse of the xyz axes
+      key += static_cast<uint64_t>(c) * g.stride[a];
+    }
+    out.key[i] = inside ? key : kEmptyKey;
+    out.slot[i] = inside ? SiteSlot(key, mask) : mask + 1;
+  }
+}
+
+// Outputs of the assign handler.
+struct AssignOutputs {
+  int32_t *ids, *slots, *coords, *counts;
+};
+
+// The inserter: walks the points in order, claiming or awaiting each chunk of cell keys, and
+// gives each point its voxel (opening one when its cell is new). Returns how many voxels the
 // points open (possibly more than max_voxels).
 template <int kNdim, typename Table>
-int64_t AssignVoxels(const VoxelGeometry& g, const AssignArgs& args) {
-  const int64_t active = args.active, max_voxels = args.max_voxels;
-  const float* points = args.points;
-  int32_t *ids = args.ids, *coords = args.coords;
-  auto* table = static_cast<typename Table::Slot*>(args.table);
-  std::fill(table, table + args.table_slots, Table::Empty());
-  const uint64_t mask = static_cast<uint64_t>(args.table_slots) - 1;
+int64_t InsertPoints(const VoxelGeometry& g, const float* points, int64_t features, int64_t active,
+                     int64_t max_voxels, int64_t max_points, typename Table::Slot* table,
+                     int64_t table_slots, CellKeys& keys, const AssignOutputs& out) {
+  const uint64_t mask = static_cast<uint64_t>(table_slots) - 1;
+  std::fill(table, table + table_slots + 1, Table::Empty());  // + 1: the sentinel, never filled
   int64_t opened = 0;
-  uint64_t keys[kPointGroup], slots[kPointGroup];
-  int32_t cells[kPointGroup][kMaxVoxelNdim];
-  std::fill(ids + active, ids + args.num_rows, -1);  // rows past num_points are padding
-  for (int64_t first = 0; first < active; first += kPointGroup) {
-    const int64_t n = std::min(kPointGroup, active - first);
-    for (int64_t e = 0; e < n; ++e) {
-      keys[e] = CellKey<kNdim>(g, points + (first + e) * args.features, cells[e]);
-      slots[e] = SiteSlot(keys[e], mask);
-      __builtin_prefetch(table + slots[e]);
-    }
-    for (int64_t e = 0; e < n; ++e) {
-      const int64_t i = first + e;
-      if (keys[e] == kEmptyKey) {
-        ids[i] = -1;
-        continue;
-      }
-      uint64_t s = slots[e];
-      while (!Table::Holds(table[s], keys[e]) && !Table::IsEmpty(table[s])) s = (s + 1) & mask;
-      if (Table::IsEmpty(table[s])) {  // this point opens a voxel
-        const int32_t v = opened < max_voxels ? static_cast<int32_t>(opened) : -1;
-        table[s] = Table::Make(keys[e], v);
-        ++opened;
-        // Coordinates in zyx order: the reverse of the xyz axes.
-        if (v >= 0) {
-          for (int a = 0; a < kNdim; ++a) coords[int64_t{v} * kNdim + (kNdim - 1 - a)] = cells[e][a];
+  for (int64_t chunk = 0; chunk < keys.num_chunks; ++chunk) {
+    const int64_t begin = chunk * kCellChunk, end = std::min(active, begin + kCellChunk);
+    if (keys.Claim(chunk)) {
+      ComputeCellKeys<kNdim>(g, points, features, begin, end, mask, keys);
+    } else {
+      // A helper is computing this chunk; compute later ones meanwhile.
+      for (int64_t later = chunk + 1; !keys.Ready(chunk); ++later) {
+        if (later >= keys.num_chunks) {
+          std::this_thread::yield();
+        } else if (keys.Claim(later)) {
+          const int64_t later_begin = later * kCellChunk;
+          ComputeCellKeys<kNdim>(g, points, features, later_begin, std::min(active, later_begin + kCellChunk), mask, keys);
+          keys.Publish(later);
         }
       }
-      ids[i] = Table::Voxel(table[s]);
+    }
+    const uint64_t* key = keys.key;
+    const uint64_t* first_slot = keys.slot;
+    for (int64_t i = begin; i < std::min(end, begin + kPrefetchAhead); ++i) __builtin_prefetch(table + first_slot[i]);
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + kPrefetchAhead < end) __builtin_prefetch(table + first_slot[i + kPrefetchAhead]);
+      uint64_t s = first_slot[i];
+      while (!Table::IsEmpty(table[s]) && !Table::Holds(table[s], key[i])) s = (s + 1) & mask;
+      int32_t voxel = -1;
+      if (key[i] != kEmptyKey) {
+        if (Table::IsEmpty(table[s])) {  // this point opens a voxel
+          voxel = opened < max_voxels ? static_cast<int32_t>(opened) : -1;
+          table[s] = Table::Make(key[i], voxel);
+          ++opened;
+          if (voxel >= 0) {
+            std::copy_n(keys.cell + i * kNdim, kNdim, out.coords + int64_t{voxel} * kNdim);
+            out.counts[voxel] = 0;
+          }
+        } else {
+          voxel = Table::Voxel(table[s]);
+        }
+      }
+      out.ids[i] = voxel;
+      // A voxel stores its first max_points points; later ones keep its id only.
+      const bool stored = voxel >= 0 && out.counts[voxel] < max_points;
+      out.slots[i] = stored ? static_cast<int32_t>(voxel * max_points + out.counts[voxel]++) : -1;
     }
   }
   return opened;
 }
 
 template <typename Table>
-int64_t AssignVoxelsAnyNdim(const VoxelGeometry& g, const AssignArgs& args) {
+int64_t InsertPointsAnyNdim(const VoxelGeometry& g, const float* points, int64_t features, int64_t active,
+                            int64_t max_voxels, int64_t max_points, void* table, int64_t table_slots,
+                            CellKeys& keys, const AssignOutputs& out) {
+  auto* slots = static_cast<typename Table::Slot*>(table);
   switch (g.ndim) {
     case 2:
-      return AssignVoxels<2, Table>(g, args);
+      return InsertPoints<2, Table>(g, points, features, active, max_voxels, max_points, slots, table_slots, keys, out);
     case 3:
-      return AssignVoxels<3, Table>(g, args);
+      return InsertPoints<3, Table>(g, points, features, active, max_voxels, max_points, slots, table_slots, keys, out);
     default:
-      return AssignVoxels<4, Table>(g, args);
+      return InsertPoints<4, Table>(g, points, features, active, max_voxels, max_points, slots, table_slots, keys, out);
   }
 }
 
-// Part 3, after every task: copies each point into the next free slot of its voxel (so a voxel
-// keeps its first max_points points), fills the empty slots of the used rows (they are zero; with
-// empty_mean, the mean of the stored points summed in slot order) and marks the padding rows.
-void StorePoints(const float* points, const int32_t* ids, int64_t active, int64_t features,
-                 int64_t max_points, int64_t ndim, bool empty_mean, int64_t used, int64_t max_voxels,
-                 float* voxels, int32_t* coords, int32_t* counts) {
-  const int64_t row_size = max_points * features;
-  for (int64_t i = 0; i < active; ++i) {
-    const int32_t v = ids[i];
-    if (v < 0 || counts[v] == max_points) continue;  // a full voxel's later points keep its id only
-    float* slot = voxels + v * row_size + counts[v]++ * features;
-    for (int64_t k = 0; k < features; ++k) slot[k] = points[i * features + k];
-  }
-  if (empty_mean) {
-    std::vector<float> mean(features);
-    for (int64_t v = 0; v < used; ++v) {
-      float* row = voxels + v * row_size;
-      const int64_t count = counts[v];
-      std::fill(mean.begin(), mean.end(), 0.0f);
-      for (int64_t j = 0; j < count; ++j) {
-        for (int64_t k = 0; k < features; ++k) mean[k] += row[j * features + k];
-      }
-      for (int64_t k = 0; k < features; ++k) mean[k] /= static_cast<float>(count);
-      for (int64_t j = count; j < max_points; ++j) {
-        for (int64_t k = 0; k < features; ++k) row[j * features + k] = mean[k];
-      }
+// A helper task: computes chunks of cell keys ahead of the inserter until none is left.
+void HelpWithCellKeys(const VoxelGeometry& g, const float* points, int64_t features, int64_t active,
+                      uint64_t mask, CellKeys& keys) {
+  for (int64_t chunk; (chunk = keys.next_chunk.fetch_add(1, std::memory_order_relaxed)) < keys.num_chunks;) {
+    if (!keys.Claim(chunk)) continue;
+    const int64_t begin = chunk * kCellChunk, end = std::min(active, begin + kCellChunk);
+    switch (g.ndim) {
+      case 2:
+        ComputeCellKeys<2>(g, points, features, begin, end, mask, keys);
+        break;
+      case 3:
+        ComputeCellKeys<3>(g, points, features, begin, end, mask, keys);
+        break;
+      default:
+        ComputeCellKeys<4>(g, points, features, begin, end, mask, keys);
     }
+    keys.Publish(chunk);
   }
-  std::fill(coords + used * ndim, coords + max_voxels * ndim, -1);
 }
 
 // Checks the attributes and fills `g`; returns an error message or an empty string.
@@ -233,16 +283,17 @@ std::string MakeGeometry(const std::string& op, ffi::Span<const float> vsize, ff
   return {};
 }
 
-ffi::Future Voxelize(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer num_points,
-                     ffi::Span<const float> vsize, ffi::Span<const float> low, ffi::Span<const int64_t> grid,
-                     int64_t empty_mean, ffi::Result<ffi::AnyBuffer> voxels_out,
-                     ffi::Result<ffi::AnyBuffer> coords_out, ffi::Result<ffi::AnyBuffer> counts_out,
-                     ffi::Result<ffi::AnyBuffer> ids_out, ffi::Result<ffi::AnyBuffer> num_voxels_out) {
-  const std::string op = "jsparse_voxelize: ";
+ffi::Future VoxelizeAssign(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer num_points,
+                           ffi::Span<const float> vsize, ffi::Span<const float> low,
+                           ffi::Span<const int64_t> grid, int64_t max_points,
+                           ffi::Result<ffi::AnyBuffer> coords_out, ffi::Result<ffi::AnyBuffer> counts_out,
+                           ffi::Result<ffi::AnyBuffer> ids_out, ffi::Result<ffi::AnyBuffer> slots_out,
+                           ffi::Result<ffi::AnyBuffer> num_voxels_out) {
+  const std::string op = "jsparse_voxelize_assign: ";
   auto g = std::make_shared<VoxelGeometry>();
   std::string message = MakeGeometry(op, vsize, low, grid, g.get());
   const auto pd = points.dimensions();
-  const auto vd = voxels_out->dimensions();
+  const auto cd = coords_out->dimensions();
   if (message.empty() && (points.element_type() != ffi::F32 || pd.size() != 2 || pd[1] < g->ndim)) {
     message = op + "points must be float32 [P, F] with F >= " + std::to_string(g->ndim) +
               " (coordinates first), got shape " + Shape(pd);
@@ -251,83 +302,173 @@ ffi::Future Voxelize(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer
   if (message.empty() && (num_points.element_type() != ffi::S32 || num_points.dimensions().size() != 0)) {
     message = op + "num_points must be an int32 scalar";
   }
-  if (message.empty() && (voxels_out->element_type() != ffi::F32 || vd.size() != 3 || vd[0] < 1 ||
-                          vd[1] < 1 || vd[2] != pd[1] || vd[0] > INT32_MAX)) {
-    message = op + "voxels must be float32 [max_num_voxels, max_num_points_per_voxel, F] with both " +
-              "maxima >= 1 and F = " + std::to_string(pd[1]) + ", got shape " + Shape(vd);
+  if (message.empty() && (coords_out->element_type() != ffi::S32 || cd.size() != 2 || cd[1] != g->ndim ||
+                          cd[0] < 1 || max_points < 1 || cd[0] > INT32_MAX / max_points)) {
+    message = op + "coords must be int32 [max_num_voxels, " + std::to_string(g->ndim) +
+              "] and max_points_per_voxel >= 1, with max_num_voxels * max_points_per_voxel < 2**31; got " +
+              Shape(cd) + " and " + std::to_string(max_points);
   }
   if (message.empty()) {
-    const auto cd = coords_out->dimensions();
     const auto nd = counts_out->dimensions();
     const auto id = ids_out->dimensions();
-    if (coords_out->element_type() != ffi::S32 || cd.size() != 2 || cd[0] != vd[0] || cd[1] != g->ndim ||
-        counts_out->element_type() != ffi::S32 || nd.size() != 1 || nd[0] != vd[0] ||
+    const auto sd = slots_out->dimensions();
+    if (counts_out->element_type() != ffi::S32 || nd.size() != 1 || nd[0] != cd[0] ||
         ids_out->element_type() != ffi::S32 || id.size() != 1 || id[0] != pd[0] ||
+        slots_out->element_type() != ffi::S32 || sd.size() != 1 || sd[0] != pd[0] ||
         num_voxels_out->element_type() != ffi::S32 || num_voxels_out->dimensions().size() != 0) {
-      message = op + "outputs must be int32 coords [V, ndim], counts [V], pc_voxel_id [P], num_voxels []";
+      message = op + "outputs must be int32 coords [V, ndim], counts [V], pc_voxel_id [P], slots [P], num_voxels []";
     }
   }
   if (!message.empty()) return InvalidArgumentFuture(message);
 
   const int64_t num_rows = pd[0];
   const int64_t features = pd[1];
-  const int64_t max_voxels = vd[0];
-  const int64_t max_points = vd[1];
+  const int64_t max_voxels = cd[0];
   const int64_t active = std::clamp<int64_t>(*num_points.typed_data<int32_t>(), 0, num_rows);
   const float* pts = points.typed_data<float>();
+  const AssignOutputs out{ids_out->typed_data<int32_t>(), slots_out->typed_data<int32_t>(),
+                          coords_out->typed_data<int32_t>(), counts_out->typed_data<int32_t>()};
+  int32_t* num_voxels = num_voxels_out->typed_data<int32_t>();
+  std::fill(out.ids + active, out.ids + num_rows, -1);  // rows past num_points are padding
+  std::fill(out.slots + active, out.slots + num_rows, -1);
+  // The table holds at most min(points, cells) distinct keys.
+  const int64_t table_slots = TableSlots(static_cast<int64_t>(std::min<uint64_t>(active, g->cells)));
+  const uint64_t mask = static_cast<uint64_t>(table_slots) - 1;
+  const bool packed = PackedTable::Fits(g->cells);
+  const int64_t slot_bytes = packed ? sizeof(PackedTable::Slot) : sizeof(WideTable::Slot);
+  auto keys = std::make_shared<CellKeys>(active, g->ndim, (table_slots + 1) * slot_bytes);
+  // Task 0 inserts; the others compute cell keys ahead of it.
+  return ParallelFor(pool, std::max<int64_t>(1, pool.num_threads()), [=](int64_t task) {
+    if (task > 0) {
+      HelpWithCellKeys(*g, pts, features, active, mask, *keys);
+      return;
+    }
+    const int64_t opened =
+        packed ? InsertPointsAnyNdim<PackedTable>(*g, pts, features, active, max_voxels, max_points, keys->table,
+                                                  table_slots, *keys, out)
+               : InsertPointsAnyNdim<WideTable>(*g, pts, features, active, max_voxels, max_points, keys->table,
+                                                table_slots, *keys, out);
+    *num_voxels = static_cast<int32_t>(std::min<int64_t>(opened, INT32_MAX));
+  });
+}
+
+// Fills the empty slots of voxel rows [0, used) with the mean of the stored points, summed in
+// slot order from +0.0 (the reference path's order, so the bits agree).
+void FillEmptyWithMean(const int32_t* counts, int64_t used, int64_t max_points, int64_t features, float* voxels) {
+  std::vector<float> mean(features);
+  for (int64_t v = 0; v < used; ++v) {
+    float* row = voxels + v * max_points * features;
+    const int64_t count = counts[v];
+    std::fill(mean.begin(), mean.end(), 0.0f);
+    for (int64_t j = 0; j < count; ++j) {
+      for (int64_t k = 0; k < features; ++k) mean[k] += row[j * features + k];
+    }
+    for (int64_t k = 0; k < features; ++k) mean[k] /= static_cast<float>(count);
+    for (int64_t j = count; j < max_points; ++j) std::copy(mean.begin(), mean.end(), row + j * features);
+  }
+}
+
+ffi::Future VoxelizeStore(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer slots,
+                          ffi::AnyBuffer num_voxels, ffi::AnyBuffer coords_in, ffi::AnyBuffer counts_in,
+                          int64_t empty_mean, ffi::Result<ffi::AnyBuffer> voxels_out,
+                          ffi::Result<ffi::AnyBuffer> coords_out, ffi::Result<ffi::AnyBuffer> counts_out) {
+  const std::string op = "jsparse_voxelize_store: ";
+  const auto pd = points.dimensions();
+  const auto sd = slots.dimensions();
+  const auto vd = voxels_out->dimensions();
+  const auto cd = coords_out->dimensions();
+  if (points.element_type() != ffi::F32 || pd.size() != 2 || slots.element_type() != ffi::S32 ||
+      sd.size() != 1 || sd[0] != pd[0] || voxels_out->element_type() != ffi::F32 || vd.size() != 3 ||
+      vd[2] != pd[1] || vd[0] > INT32_MAX / std::max<int64_t>(1, vd[1]) || num_voxels.element_type() != ffi::S32 ||
+      num_voxels.dimensions().size() != 0 || coords_out->element_type() != ffi::S32 || cd.size() != 2 ||
+      cd[0] != vd[0] || counts_out->element_type() != ffi::S32 || counts_out->dimensions().size() != 1 ||
+      counts_out->dimensions()[0] != vd[0] || coords_in.untyped_data() != coords_out->untyped_data() ||
+      counts_in.untyped_data() != counts_out->untyped_data()) {
+    return InvalidArgumentFuture(
+        op + "expects float32 points [P, F] and the int32 slots [P] and num_voxels [] of " +
+        "jsparse_voxelize_assign, and returns float32 voxels [V, M, F] with its int32 coords [V, ndim] " +
+        "and counts [V] updated in place (aliased); got points " + Shape(pd) + ", slots " + Shape(sd) +
+        ", voxels " + Shape(vd));
+  }
+  const int64_t num_rows = pd[0];
+  const int64_t features = pd[1];
+  const int64_t max_voxels = vd[0];
+  const int64_t max_points = vd[1];
+  const int64_t ndim = cd[1];
+  const int64_t row_size = max_points * features;
+  const int64_t used = std::clamp<int64_t>(*num_voxels.typed_data<int32_t>(), 0, max_voxels);
+  const bool mean = empty_mean != 0;
+  const int64_t rows_per_task = std::max<int64_t>(1, kRowChunkFloats / std::max<int64_t>(1, row_size));
+  const int64_t row_tasks = (max_voxels + rows_per_task - 1) / rows_per_task;
+  const int64_t point_tasks = (num_rows + kPointChunk - 1) / kPointChunk;
+  const float* pts = points.typed_data<float>();
+  const int32_t* slot = slots.typed_data<int32_t>();
   float* voxels = voxels_out->typed_data<float>();
   int32_t* coords = coords_out->typed_data<int32_t>();
   int32_t* counts = counts_out->typed_data<int32_t>();
-  // The table holds at most min(points, cells) distinct keys.
-  const int64_t table_slots = TableSlots(static_cast<int64_t>(std::min<uint64_t>(active, g->cells)));
-  const bool packed = PackedTable::Fits(g->cells);
-  const int64_t slot_bytes = packed ? sizeof(PackedTable::Slot) : sizeof(WideTable::Slot);
-  int32_t* ids = ids_out->typed_data<int32_t>();
-  int32_t* num_voxels = num_voxels_out->typed_data<int32_t>();
-  const int64_t ndim = g->ndim;
-  const bool mean = empty_mean != 0;
-  // Task 0 assigns the ids (part 1) while the other tasks zero the voxels and counts in chunks;
-  // the last task to finish stores the points (part 3). Each task writes its own outputs.
-  const int64_t voxel_floats = max_voxels * max_points * features;
-  const int64_t chunks = std::max<int64_t>(1, (voxel_floats + kZeroChunk - 1) / kZeroChunk);
-  auto used = std::make_shared<int64_t>(0);
   return ParallelFor(
-      pool, 1 + chunks,
+      pool, point_tasks + row_tasks,
       [=](int64_t task) {
-        if (task == 0) {
-          void* table = TableMemory(table_slots * slot_bytes);
-          const AssignArgs args{pts, num_rows, features, active, max_voxels, ids, coords, table, table_slots};
-          const int64_t opened = packed ? AssignVoxelsAnyNdim<PackedTable>(*g, args)
-                                        : AssignVoxelsAnyNdim<WideTable>(*g, args);
-          *num_voxels = static_cast<int32_t>(std::min<int64_t>(opened, INT32_MAX));
-          *used = std::min(opened, max_voxels);
+        if (task < point_tasks) {  // copy the stored points of a chunk into their slots
+          const int64_t end = std::min(num_rows, (task + 1) * kPointChunk);
+          for (int64_t i = task * kPointChunk; i < end; ++i) {
+            if (slot[i] >= 0) std::copy_n(pts + i * features, features, voxels + int64_t{slot[i]} * features);
+          }
           return;
         }
-        const int64_t begin = (task - 1) * kZeroChunk;
-        const int64_t end = std::min(voxel_floats, begin + kZeroChunk);
-        std::memset(voxels + begin, 0, (end - begin) * sizeof(float));
-        if (task == 1) std::memset(counts, 0, max_voxels * sizeof(int32_t));
+        // Rows [begin, end): zero the empty slots of voxels (unless the mean goes there), and
+        // turn rows past the opened voxels into padding.
+        const int64_t begin = (task - point_tasks) * rows_per_task;
+        const int64_t end = std::min(max_voxels, begin + rows_per_task);
+        if (!mean) {
+          for (int64_t v = begin; v < std::min(end, used); ++v) {
+            std::fill(voxels + v * row_size + counts[v] * features, voxels + (v + 1) * row_size, 0.0f);
+          }
+        }
+        const int64_t first_padding = std::max(begin, used);
+        if (first_padding < end) {
+          std::fill(voxels + first_padding * row_size, voxels + end * row_size, 0.0f);
+          std::fill(coords + first_padding * ndim, coords + end * ndim, -1);
+          std::fill(counts + first_padding, counts + end, 0);
+        }
       },
-      [=]() { StorePoints(pts, ids, active, features, max_points, ndim, mean, *used, max_voxels, voxels, coords, counts); });
+      [=]() {
+        if (mean) FillEmptyWithMean(counts, used, max_points, features, voxels);
+      });
 }
 
 }  // namespace
 }  // namespace jsparse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JsparseVoxelizeCpu, jsparse::Voxelize,
+    JsparseVoxelizeAssignCpu, jsparse::VoxelizeAssign,
     ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()                    // the XLA intra-op pool (parallel over voxel rows)
-        .Arg<ffi::AnyBuffer>()                     // points [P, F] float32, x, y[, z[, t]] first
-        .Arg<ffi::AnyBuffer>()                     // num_points [] int32: rows past it are padding
+        .Ctx<ffi::ThreadPool>()                      // the XLA intra-op pool (cell keys ahead of the inserter)
+        .Arg<ffi::AnyBuffer>()                       // points [P, F] float32, x, y[, z[, t]] first
+        .Arg<ffi::AnyBuffer>()                       // num_points [] int32: rows past it are padding
         .Attr<ffi::Span<const float>>("voxel_size")  // [ndim] float32, xyz order
         .Attr<ffi::Span<const float>>("range_min")   // [ndim] float32, xyz order
         .Attr<ffi::Span<const int64_t>>("grid_size")  // [ndim], xyz order
-        .Attr<int64_t>("empty_mean")               // 1: empty slots hold the voxel's mean
-        .Ret<ffi::AnyBuffer>()                     // voxels [V, M, F] float32
-        .Ret<ffi::AnyBuffer>()                     // coords [V, ndim] int32, zyx order, -1 rows padding
-        .Ret<ffi::AnyBuffer>()                     // num_points_per_voxel [V] int32
-        .Ret<ffi::AnyBuffer>()                     // pc_voxel_id [P] int32, -1 when not voxelized
-        .Ret<ffi::AnyBuffer>());                   // num_voxels [] int32, may exceed V
+        .Attr<int64_t>("max_points_per_voxel")       // M
+        .Ret<ffi::AnyBuffer>()                       // coords [V, ndim] int32, zyx; rows >= num_voxels unset
+        .Ret<ffi::AnyBuffer>()                       // num_points_per_voxel [V] int32; rows >= num_voxels unset
+        .Ret<ffi::AnyBuffer>()                       // pc_voxel_id [P] int32, -1 when not voxelized
+        .Ret<ffi::AnyBuffer>()                       // slots [P] int32: voxel * M + slot, -1 when not stored
+        .Ret<ffi::AnyBuffer>());                     // num_voxels [] int32, may exceed V
 
-JSPARSE_REGISTER_FFI_TARGET("jsparse_voxelize", JsparseVoxelizeCpu);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JsparseVoxelizeStoreCpu, jsparse::VoxelizeStore,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()       // the XLA intra-op pool (over points and voxel rows)
+        .Arg<ffi::AnyBuffer>()        // points [P, F] float32
+        .Arg<ffi::AnyBuffer>()        // slots [P] int32 (from jsparse_voxelize_assign)
+        .Arg<ffi::AnyBuffer>()        // num_voxels [] int32
+        .Arg<ffi::AnyBuffer>()        // coords [V, ndim] int32, aliased to the coords result
+        .Arg<ffi::AnyBuffer>()        // num_points_per_voxel [V] int32, aliased to the counts result
+        .Attr<int64_t>("empty_mean")  // 1: empty slots hold the voxel's mean
+        .Ret<ffi::AnyBuffer>()        // voxels [V, M, F] float32
+        .Ret<ffi::AnyBuffer>()        // coords [V, ndim]: padding rows become -1
+        .Ret<ffi::AnyBuffer>());      // num_points_per_voxel [V]: padding rows become 0
+
+JSPARSE_REGISTER_FFI_TARGET("jsparse_voxelize_assign", JsparseVoxelizeAssignCpu);
+JSPARSE_REGISTER_FFI_TARGET("jsparse_voxelize_store", JsparseVoxelizeStoreCpu);

@@ -1,0 +1,53 @@
+// Scratch memory kept across handler calls.
+//
+// A fresh allocation of a few hundred KiB is returned to the OS when freed and page-faults again
+// on first touch, which costs hundreds of faults a call (a large part of a sub-millisecond
+// kernel). Handlers instead take a block from this cache and give it back when their last task
+// is done; concurrent calls each hold their own block, so no two calls share memory.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace jsparse {
+
+// Uninitialized memory of at least `bytes` bytes (64-byte aligned), returned to the cache when
+// the last copy of the pointer is dropped.
+inline std::shared_ptr<std::byte> AcquireScratch(size_t bytes) {
+  struct Block {
+    std::unique_ptr<std::byte[]> memory;
+    size_t bytes = 0;
+  };
+  struct Cache {
+    std::mutex mutex;
+    std::vector<Block> blocks;  // idle blocks
+  };
+  static Cache* cache = new Cache;  // never destroyed: blocks may come back during exit
+  constexpr size_t kAlign = 64;
+  constexpr size_t kMaxIdleBlocks = 8;
+  Block block;
+  {
+    std::lock_guard<std::mutex> lock(cache->mutex);
+    // The largest idle block: the one most likely to be big enough.
+    auto largest = std::max_element(cache->blocks.begin(), cache->blocks.end(),
+                                    [](const Block& a, const Block& b) { return a.bytes < b.bytes; });
+    if (largest != cache->blocks.end()) {
+      block = std::move(*largest);
+      cache->blocks.erase(largest);
+    }
+  }
+  if (block.bytes < bytes) block = Block{std::unique_ptr<std::byte[]>(new std::byte[bytes + kAlign]), bytes};
+  auto address = reinterpret_cast<uintptr_t>(block.memory.get());
+  auto* aligned = reinterpret_cast<std::byte*>((address + kAlign - 1) / kAlign * kAlign);
+  auto held = std::make_shared<Block>(std::move(block));
+  return std::shared_ptr<std::byte>(aligned, [held](std::byte*) {
+    std::lock_guard<std::mutex> lock(cache->mutex);
+    if (cache->blocks.size() < kMaxIdleBlocks) cache->blocks.push_back(std::move(*held));
+  });
+}
+
+}  // namespace jsparse
