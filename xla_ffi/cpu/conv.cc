@@ -21,6 +21,7 @@
 #include "float_convert.h"
 #include "gemm.h"
 #include "errors.h"
+#include "memory.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -192,6 +193,7 @@ ffi::Future GatherGemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::A
               std::to_string(d.c_out()) + "] in the features' dtype";
   }
   if (!message.empty()) return InvalidArgumentFuture(message);
+  AdviseHugePages(out->untyped_data(), out->size_bytes());
   return DispatchFeatureType(features.element_type(), [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     return GatherGemm(pool, static_cast<const T*>(features.untyped_data()),
