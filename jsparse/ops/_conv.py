@@ -188,11 +188,13 @@ def sparse_conv(
 
 def _sparse_conv_impl(features, kernel, pairs, bias, groups, precision):
   kernel_flat = kernel.reshape(pairs.spec.kernel_volume, *kernel.shape[-2:])
+  # Padding rows of a map have no pairs, so both backends already return 0 there: no masking
+  # pass over the (often tens of MiB) output, and XLA writes the kernel's result in place.
   out = _conv(features, kernel_flat, pairs.nbr, pairs.nbr_t, groups, precision)
+  if bias is None:
+    return out
   active = (pairs.out_indices[:, 0] >= 0)[:, None]
-  if bias is not None:
-    out = out + bias.astype(out.dtype)[None, :]
-  return jnp.where(active, out, jnp.zeros((), out.dtype))
+  return out + jnp.where(active, bias.astype(out.dtype)[None, :], jnp.zeros((), out.dtype))
 
 
 _sparse_conv = _backend.jit(_sparse_conv_impl, static_argnames=("groups", "precision"))
