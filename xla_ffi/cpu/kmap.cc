@@ -17,10 +17,12 @@
 // they are never hashed, looked up or written through, so bad indices cannot cause an
 // out-of-bounds access.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -31,6 +33,7 @@
 #include "errors.h"
 #include "memory.h"
 #include "parallel.h"
+#include "scratch.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -386,53 +389,64 @@ ffi::Future NeighborsImpl(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::
 
 // ---- jsparse_kmap_build ----
 
-// A conv / pool / transpose map in one call: output sites, nbr and nbr_t, by sorting candidates
-// instead of hashing. Tasks over input rows write every (output key, input row, tap) they reach
-// into their own region of a candidate array, in row and tap order, and clear their nbr_t rows;
-// further tasks clear nbr and out_indices. The last task compacts the regions (in task order),
-// radix-sorts them by key (stable, so equal keys stay in input-row order), and walks the sorted
-// run: each distinct key is the next output row, and each candidate writes nbr[o, t] (the first,
-// i.e. smallest, input row wins if sites repeat) and nbr_t[i, t]. Identical to output_sites
-// followed by jsparse_kmap_neighbors, without the output hash table and the second pass.
-// A candidate pair of jsparse_kmap_build: an output key and input_row * K + tap.
+// A conv / pool / transpose map in one call: output sites, nbr and nbr_t, by sorting candidate
+// (output key, input row, tap) triples instead of hashing. Identical to output_sites followed by
+// jsparse_kmap_neighbors, without the output hash table and the second pass. Three kinds of
+// tasks, in this order (later tasks wait for earlier ones, see parallel.h):
+// 1. Input tasks: the candidates of kRowsPerTask input rows, in row and tap order, stably
+//    grouped into key buckets (the key's top bits) in the task's own region; they also clear
+//    their nbr_t rows.
+// 2. Clear tasks: nbr and out_indices rows to -1.
+// 3. Bucket tasks, once all of the above are done: gather one bucket's candidates from every
+//    region in task order, radix-sort them (stable, so equal keys stay in input-row order) and
+//    publish the bucket's number of distinct keys; then, once every earlier bucket has published,
+//    walk the sorted bucket: each distinct key is the next output row, and each candidate writes
+//    nbr[o, t] (the first, i.e. smallest, input row wins if sites repeat) and nbr_t[i, t].
+// Every row of every output has one writer, so results do not depend on scheduling.
 struct Candidate {
   uint64_t key;
-  uint32_t payload;
+  uint32_t payload;  // input_row * K + tap
 };
 
-// The candidates of every task region (`filled[task]` of them at task * region), sorted by key
-// with a stable LSD radix sort; the first pass reads the regions in task order, so the result
-// keeps input-row order among equal keys without a separate compaction. Returns the `total`
-// sorted candidates. Arrays of candidates are left uninitialized: every slot read was written.
-std::unique_ptr<Candidate[]> SortCandidates(const Candidate* regions, int64_t region,
-                                            const std::vector<int64_t>& filled, double key_range,
-                                            int64_t* total) {
-  *total = 0;
-  for (int64_t f : filled) *total += f;
-  const RadixDigits digits(key_range);
-  std::unique_ptr<Candidate[]> sorted(new Candidate[*total]), buffer(new Candidate[*total]);
+constexpr int kBucketBits = 6;  // up to 64 buckets of output keys
+
+// Stable LSD radix sort of `n` candidates by key & (range - 1), range a power of two; `buffer`
+// holds n more. The result ends in `data`.
+void SortBucket(Candidate* data, Candidate* buffer, int64_t n, double range) {
+  const RadixDigits digits(range);
   std::vector<int64_t> offsets(int64_t{1} << digits.width);
   for (int pass = 0; pass < digits.passes; ++pass) {
-    // Visits the source of this pass: the task regions first, then the previous pass's output.
-    auto for_each = [&](auto&& visit) {
-      if (pass > 0) {
-        for (int64_t e = 0; e < *total; ++e) visit(sorted[e]);
-        return;
-      }
-      for (size_t task = 0; task < filled.size(); ++task) {
-        const Candidate* first = regions + task * region;
-        for (const Candidate* c = first; c < first + filled[task]; ++c) visit(*c);
-      }
-    };
     std::fill(offsets.begin(), offsets.end(), 0);
-    for_each([&](const Candidate& c) { ++offsets[digits.Digit(c.key, pass)]; });
+    for (int64_t e = 0; e < n; ++e) ++offsets[digits.Digit(data[e].key, pass)];
     int64_t sum = 0;
     for (int64_t& offset : offsets) sum += std::exchange(offset, sum);
-    for_each([&](const Candidate& c) { buffer[offsets[digits.Digit(c.key, pass)]++] = c; });
-    sorted.swap(buffer);
+    for (int64_t e = 0; e < n; ++e) buffer[offsets[digits.Digit(data[e].key, pass)]++] = data[e];
+    std::swap(data, buffer);
   }
-  return sorted;
+  if (digits.passes % 2 == 1) std::copy_n(data, n, buffer);  // back into the caller's `data`
 }
+
+// State shared by the tasks of one jsparse_kmap_build call.
+struct MapBuild {
+  MapBuild(int64_t input_tasks, int64_t region, int64_t buckets)
+      : region(region),
+        buckets(buckets),
+        scratch(AcquireScratch(2 * input_tasks * region * sizeof(Candidate))),
+        regions(reinterpret_cast<Candidate*>(scratch.get())),
+        sorted(regions + input_tasks * region),
+        counts(input_tasks * buckets),
+        distinct(new std::atomic<int64_t>[buckets]) {
+    for (int64_t b = 0; b < buckets; ++b) distinct[b].store(-1, std::memory_order_relaxed);
+  }
+  const int64_t region, buckets;
+  std::shared_ptr<std::byte> scratch;
+  Candidate* regions;                    // [input_tasks, region]: each task's candidates by bucket
+  Candidate* sorted;                     // every candidate, by bucket, each bucket sorted
+  std::vector<int64_t> counts;           // [input_tasks, buckets]: candidates per task and bucket
+  std::atomic<int64_t> prepared{0};      // input and clear tasks done
+  std::unique_ptr<std::atomic<int64_t>[]> distinct;  // [buckets]: distinct keys, -1 until known
+  std::atomic<int64_t> published{0};     // buckets whose distinct count is known, in order
+};
 
 ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryAttrs attrs,
                          ffi::Result<ffi::AnyBuffer> out_indices, ffi::Result<ffi::AnyBuffer> num_out,
@@ -466,62 +480,104 @@ ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryA
   int32_t* backward = nbr_t->typed_data<int32_t>();
   AdviseHugePages(forward, nbr->size_bytes());
   AdviseHugePages(backward, nbr_t->size_bytes());
-  const int64_t per_input = MaxTargetsPerInput(g);
   const int64_t input_tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t clear_tasks = (capacity + kRowsPerTask - 1) / kRowsPerTask;
-  // Candidates of input task `task` live at [task * region, ...); `filled[task]` counts them.
-  const int64_t region = kRowsPerTask * per_input;
-  std::shared_ptr<Candidate[]> candidates(new Candidate[input_tasks * region]);
-  auto filled = std::make_shared<std::vector<int64_t>>(input_tasks, 0);
+  // Buckets: the keys' top bits, at most 2**kBucketBits of them; keys below 2**(shift) share one.
+  const double key_range = OutputKeyRange(g);
+  const int key_bits = std::max(1, static_cast<int>(std::ceil(std::log2(std::max(key_range, 2.0)))));
+  const int shift = std::max(0, key_bits - kBucketBits);
+  const int64_t buckets = ((int64_t{1} << key_bits) + (int64_t{1} << shift) - 1) >> shift;
+  auto build = std::make_shared<MapBuild>(input_tasks, kRowsPerTask * MaxTargetsPerInput(g), buckets);
   const int taps = static_cast<int>(g.taps);
+  const int64_t prepare_tasks = input_tasks + clear_tasks;
+
   auto body = [=](auto ndim_constant) {
     constexpr int kNdim = decltype(ndim_constant)::value;
     return [=](int64_t task) {
-      if (task >= input_tasks) {  // clear a block of output rows
+      MapBuild& m = *build;
+      if (task < input_tasks) {
+        std::vector<int64_t> axis_table(AxisTableSize(g));
+        std::vector<Candidate> mine;
+        mine.reserve(m.region);
+        for (int64_t r = task * kRowsPerTask; r < std::min(n, (task + 1) * kRowsPerTask); ++r) {
+          const int32_t* row = in + r * (1 + g.ndim);
+          std::fill(backward + r * taps, backward + (r + 1) * taps, -1);  // row r is ours
+          if (!SiteInRange<kNdim>(g, row, g.in_shape)) continue;
+          AxisTargets<kNdim>(g, row + 1, axis_table.data());
+          ForEachTap<kNdim>(g, row[0], axis_table.data(), g.out_shape, [&](int64_t t, uint64_t key) {
+            mine.push_back({key, static_cast<uint32_t>(r * taps + t)});
+          });
+        }
+        // Group by bucket, stably, into this task's region.
+        int64_t* counts = m.counts.data() + task * buckets;
+        for (const Candidate& c : mine) ++counts[c.key >> shift];
+        std::vector<int64_t> cursor(buckets);
+        for (int64_t b = 0, sum = 0; b < buckets; ++b) cursor[b] = std::exchange(sum, sum + counts[b]);
+        Candidate* region = m.regions + task * m.region;
+        for (const Candidate& c : mine) region[cursor[c.key >> shift]++] = c;
+        m.prepared.fetch_add(1, std::memory_order_release);
+        return;
+      }
+      if (task < prepare_tasks) {  // clear a block of output rows
         const int64_t first = (task - input_tasks) * kRowsPerTask;
         const int64_t last = std::min(capacity, first + kRowsPerTask);
         std::fill(forward + first * taps, forward + last * taps, -1);
         std::fill(out + first * (1 + g.ndim), out + last * (1 + g.ndim), -1);
+        m.prepared.fetch_add(1, std::memory_order_release);
         return;
       }
-      std::vector<int64_t> axis_table(AxisTableSize(g));
-      Candidate* mine = candidates.get() + task * region;
-      int64_t used = 0;
-      for (int64_t r = task * kRowsPerTask; r < std::min(n, (task + 1) * kRowsPerTask); ++r) {
-        const int32_t* row = in + r * (1 + g.ndim);
-        std::fill(backward + r * taps, backward + (r + 1) * taps, -1);  // row r is ours
-        if (!SiteInRange<kNdim>(g, row, g.in_shape)) continue;
-        AxisTargets<kNdim>(g, row + 1, axis_table.data());
-        ForEachTap<kNdim>(g, row[0], axis_table.data(), g.out_shape, [&](int64_t t, uint64_t key) {
-          mine[used++] = {key, static_cast<uint32_t>(r * taps + t)};
-        });
+      const int64_t bucket = task - prepare_tasks;
+      AwaitCount(m.prepared, prepare_tasks);
+      // Gather this bucket from every region, in task order, after the earlier buckets.
+      int64_t begin = 0, size = 0;
+      for (int64_t t = 0; t < input_tasks; ++t) {
+        const int64_t* counts = m.counts.data() + t * buckets;
+        for (int64_t b = 0; b < bucket; ++b) begin += counts[b];
       }
-      (*filled)[task] = used;
+      Candidate* sorted = m.sorted + begin;
+      for (int64_t t = 0; t < input_tasks; ++t) {
+        const int64_t* counts = m.counts.data() + t * buckets;
+        int64_t offset = 0;
+        for (int64_t b = 0; b < bucket; ++b) offset += counts[b];
+        std::copy_n(m.regions + t * m.region + offset, counts[bucket], sorted + size);
+        size += counts[bucket];
+      }
+      std::vector<Candidate> buffer(size);
+      SortBucket(sorted, buffer.data(), size, std::ldexp(1.0, shift));
+      int64_t distinct = 0;
+      for (int64_t e = 0; e < size; ++e) distinct += e == 0 || sorted[e].key != sorted[e - 1].key;
+      m.distinct[bucket].store(distinct, std::memory_order_release);
+      // This bucket's first output row: the distinct keys of the earlier buckets.
+      int64_t row = 0;
+      for (int64_t b = 0; b < bucket; ++b) {
+        while (m.distinct[b].load(std::memory_order_acquire) < 0) std::this_thread::yield();
+        row += m.distinct[b].load(std::memory_order_relaxed);
+      }
+      std::vector<uint64_t> sites;  // the distinct keys that fit, in order
+      int64_t o = row - 1;
+      for (int64_t e = 0; e < size; ++e) {
+        if (e == 0 || sorted[e].key != sorted[e - 1].key) {
+          if (++o < capacity) sites.push_back(sorted[e].key);
+        }
+        if (o >= capacity) break;  // beyond the capacity: counted, not written
+        const int64_t i = sorted[e].payload / taps;
+        const int64_t t = sorted[e].payload % taps;
+        int32_t& cell = forward[o * taps + t];
+        if (cell < 0) cell = static_cast<int32_t>(i);
+        backward[i * taps + t] = static_cast<int32_t>(o);
+      }
+      if (!sites.empty()) {
+        UnpackSites(sites.data(), static_cast<int64_t>(sites.size()), g, key_range, out + row * (1 + g.ndim));
+      }
     };
   };
-  const double key_range = OutputKeyRange(g);
   auto finish = [=]() {
-    int64_t total;
-    const std::unique_ptr<Candidate[]> sorted = SortCandidates(candidates.get(), region, *filled, key_range, &total);
-    std::vector<uint64_t> sites;  // the distinct keys that fit, in order
-    int64_t distinct = 0;
-    for (int64_t e = 0; e < total; ++e) {
-      if (e == 0 || sorted[e].key != sorted[e - 1].key) {
-        if (distinct++ < capacity) sites.push_back(sorted[e].key);
-      }
-      const int64_t o = distinct - 1;
-      if (o >= capacity) continue;  // beyond the capacity: counted, not written
-      const int64_t i = sorted[e].payload / taps;
-      const int64_t t = sorted[e].payload % taps;
-      int32_t& cell = forward[o * taps + t];
-      if (cell < 0) cell = static_cast<int32_t>(i);
-      backward[i * taps + t] = static_cast<int32_t>(o);
-    }
-    UnpackSites(sites.data(), static_cast<int64_t>(sites.size()), g, key_range, out);
-    *count = static_cast<int32_t>(std::min<int64_t>(distinct, INT32_MAX));
+    int64_t total = 0;
+    for (int64_t b = 0; b < buckets; ++b) total += build->distinct[b].load(std::memory_order_relaxed);
+    *count = static_cast<int32_t>(std::min<int64_t>(total, INT32_MAX));
   };
   return DispatchNdim(g.ndim, [&](auto ndim_constant) {
-    return ParallelFor(pool, input_tasks + clear_tasks, body(ndim_constant), finish);
+    return ParallelFor(pool, prepare_tasks + buckets, body(ndim_constant), finish);
   });
 }
 

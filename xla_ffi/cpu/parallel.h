@@ -7,13 +7,17 @@
 // One parallel phase per handler call: the ffi::ThreadPool refers to the call's execution
 // context, which does not outlive the handler's return, so a task must not schedule more work.
 // Serial work goes before the phase (in the handler) or after it (`finish`); an algorithm with
-// two parallel phases is two FFI calls.
+// two parallel phases is two FFI calls, or one whose later tasks wait for earlier ones
+// (AwaitCount): tasks are handed out in index order, so when a task starts, every lower-numbered
+// task is running on another worker or done, and waiting for it cannot deadlock, with any number
+// of threads. A task must never wait for a higher-numbered one.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
@@ -50,6 +54,12 @@ ffi::Future ParallelFor(ffi::ThreadPool& pool, int64_t num_tasks, Body body, Fin
     });
   }
   return future;
+}
+
+// Waits until `counter` reaches `target`. Only for counts that lower-numbered tasks of the same
+// ParallelFor raise (see the header comment), which makes every wait short and finite.
+inline void AwaitCount(const std::atomic<int64_t>& counter, int64_t target) {
+  while (counter.load(std::memory_order_acquire) < target) std::this_thread::yield();
 }
 
 template <typename Body>
