@@ -52,30 +52,58 @@ void StoreMinRow(int32_t* cell, int32_t value) {
   }
 }
 
-// Site key -> first row holding it; built once, then read concurrently.
+// Site key -> first (smallest) row holding it. Built by any number of tasks at once (Clear
+// slices of slots, then Insert slices of rows: keys by compare-and-swap, rows by atomic minimum,
+// so the result does not depend on scheduling), then read concurrently. Memory comes from the
+// scratch cache.
 class SiteTable {
  public:
-  // Inserts the rows of indices [rows, 1 + ndim] that are active sites of the grid `shape`.
-  SiteTable(const int32_t* indices, int64_t rows, const MapGeometry& g, const int64_t* shape)
-      : mask_(TableSlots(rows) - 1), keys_(mask_ + 1, kEmptyKey), values_(mask_ + 1, -1) {
+  explicit SiteTable(int64_t rows)
+      : mask_(TableSlots(rows) - 1),
+        scratch_(AcquireScratch((mask_ + 1) * (sizeof(uint64_t) + sizeof(int32_t)))),
+        keys_(reinterpret_cast<uint64_t*>(scratch_.get())),
+        values_(reinterpret_cast<int32_t*>(keys_ + mask_ + 1)) {}
+
+  int64_t slots() const { return mask_ + 1; }
+
+  void Clear(int64_t begin, int64_t end) {
+    std::fill(keys_ + begin, keys_ + end, kEmptyKey);
+    std::fill(values_ + begin, values_ + end, -1);
+  }
+
+  // Inserts rows [begin, end) of indices [rows, 1 + ndim] that are active sites of the grid `shape`.
+  void Insert(const int32_t* indices, int64_t begin, int64_t end, const MapGeometry& g, const int64_t* shape) {
     int64_t coords[kMaxMapNdim];
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = begin; r < end; ++r) {
       const int32_t* row = indices + r * (1 + g.ndim);
       if (!SiteInRange(g, row, shape)) continue;
       for (int j = 0; j < g.ndim; ++j) coords[j] = row[1 + j];
       const uint64_t key = PackSite(row[0], coords, shape, g.ndim);
-      int64_t slot = static_cast<int64_t>(SiteSlot(key, mask_));
-      while (keys_[slot] != kEmptyKey && keys_[slot] != key) slot = (slot + 1) & mask_;
-      if (keys_[slot] == kEmptyKey) {  // a repeated site keeps its first row
-        keys_[slot] = key;
-        values_[slot] = static_cast<int32_t>(r);
+      uint64_t slot = SiteSlot(key, mask_);
+      for (;; slot = (slot + 1) & mask_) {
+        uint64_t seen = __atomic_load_n(&keys_[slot], __ATOMIC_RELAXED);
+        if (seen == kEmptyKey &&
+            __atomic_compare_exchange_n(&keys_[slot], &seen, key, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+          break;
+        }
+        if (seen == key) {  // a repeated site: the smallest row wins below
+          repeated_.store(true, std::memory_order_relaxed);
+          break;
+        }
       }
+      StoreMinRow(values_ + slot, static_cast<int32_t>(r));
     }
   }
 
   uint64_t Slot(uint64_t key) const { return SiteSlot(key, mask_); }
 
-  void Prefetch(uint64_t slot) const { __builtin_prefetch(keys_.data() + slot); }
+  // Whether some site was inserted twice (only possible under jit, where sites are unchecked).
+  bool repeated() const { return repeated_.load(std::memory_order_relaxed); }
+
+  void Prefetch(uint64_t slot) const {
+    __builtin_prefetch(keys_ + slot);
+    __builtin_prefetch(values_ + slot);
+  }
 
   // The row holding `key` (-1 if none), probing from its Slot().
   int32_t Find(uint64_t key, uint64_t slot) const {
@@ -87,8 +115,51 @@ class SiteTable {
 
  private:
   int64_t mask_;
-  std::vector<uint64_t> keys_;
-  std::vector<int32_t> values_;
+  std::shared_ptr<std::byte> scratch_;
+  uint64_t* keys_;
+  int32_t* values_;
+  std::atomic<bool> repeated_{false};
+};
+
+// A neighbours call in three stages of tasks: clear (the table's slots and nbr's rows), insert
+// (the table's sites), then probe; each stage waits for the stages before it (parallel.h).
+class StagedTable {
+ public:
+  StagedTable(int64_t table_rows, int64_t nbr_rows)
+      : table(table_rows),
+        slot_tasks_((table.slots() + kSlotsPerTask - 1) / kSlotsPerTask),
+        nbr_tasks_((nbr_rows + kRowsPerTask - 1) / kRowsPerTask),
+        insert_tasks_((table_rows + kRowsPerTask - 1) / kRowsPerTask) {}
+
+  int64_t setup_tasks() const { return slot_tasks_ + nbr_tasks_ + insert_tasks_; }
+
+  // Runs setup task `task` (< setup_tasks()); returns false for probe tasks, after waiting until
+  // the table is complete. The rows to insert are rows of `sites`.
+  bool Setup(int64_t task, const int32_t* sites, int64_t site_rows, const MapGeometry& g, const int64_t* shape,
+             int32_t* nbr, int64_t nbr_rows) {
+    if (task < slot_tasks_) {
+      table.Clear(task * kSlotsPerTask, std::min(table.slots(), (task + 1) * kSlotsPerTask));
+    } else if (task < slot_tasks_ + nbr_tasks_) {
+      const int64_t first = (task - slot_tasks_) * kRowsPerTask;
+      std::fill(nbr + first * g.taps, nbr + std::min(nbr_rows, first + kRowsPerTask) * g.taps, -1);
+    } else if (task < setup_tasks()) {
+      AwaitCount(done_, slot_tasks_ + nbr_tasks_);
+      const int64_t first = (task - slot_tasks_ - nbr_tasks_) * kRowsPerTask;
+      table.Insert(sites, first, std::min(site_rows, first + kRowsPerTask), g, shape);
+    } else {
+      AwaitCount(done_, setup_tasks());
+      return false;
+    }
+    done_.fetch_add(1, std::memory_order_release);
+    return true;
+  }
+
+  SiteTable table;
+
+ private:
+  static constexpr int64_t kSlotsPerTask = int64_t{1} << 16;
+  const int64_t slot_tasks_, nbr_tasks_, insert_tasks_;
+  std::atomic<int64_t> done_{0};
 };
 
 // Geometry attributes common to both handlers.
@@ -270,14 +341,19 @@ struct Probe {
 constexpr int64_t kProbeGroup = 8;  // rows per group
 
 // Odd submanifold map (outputs = inputs): tap t of row o is tap K - 1 - t of the row it finds,
-// so each row looks up the taps up to the centre and writes both cells. nbr must be all -1.
+// so each row looks up the taps up to the centre and writes both cells.
 ffi::Future SymmetricNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, const int32_t* sites, int64_t n,
                                int32_t* nbr) {
-  auto table = std::make_shared<SiteTable>(sites, n, g, g.in_shape);
+  auto staged = std::make_shared<StagedTable>(n, n);
+  const SiteTable* table = &staged->table;
   const int64_t center = g.taps / 2;
+  const int64_t setup = staged->setup_tasks();
   auto find = [=](auto ndim_constant) {
     constexpr int kNdim = decltype(ndim_constant)::value;
-    return [=](int64_t task) {
+    return [=](int64_t job) {
+      if (staged->Setup(job, sites, n, g, g.in_shape, nbr, n)) return;
+      const int64_t task = job - setup;
+      const bool repeated = table->repeated();
       std::vector<Probe> probes(kProbeGroup * g.taps);
       std::vector<int64_t> axis_table(AxisTableSize(g));
       const int64_t last = std::min(n, (task + 1) * kRowsPerTask);
@@ -299,27 +375,37 @@ ffi::Future SymmetricNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, cons
           const int32_t i = table->Find(q.key, q.slot);
           if (i < 0) continue;
           nbr[q.row * g.taps + q.tap] = i;
-          // Several rows write one cell only if sites repeat; then the smallest row wins.
-          if (q.tap != center) StoreMinRow(nbr + int64_t{i} * g.taps + (g.taps - 1 - q.tap), int32_t(q.row));
+          if (q.tap == center) continue;
+          // Row i's cell has this one writer unless sites repeat; then the smallest row wins.
+          int32_t* mirror = nbr + int64_t{i} * g.taps + (g.taps - 1 - q.tap);
+          if (repeated) {
+            StoreMinRow(mirror, int32_t(q.row));
+          } else {
+            *mirror = int32_t(q.row);
+          }
         }
       }
     };
   };
   return DispatchNdim(g.ndim, [&](auto ndim_constant) {
-    return ParallelFor(pool, (n + kRowsPerTask - 1) / kRowsPerTask, find(ndim_constant));
+    return ParallelFor(pool, setup + (n + kRowsPerTask - 1) / kRowsPerTask, find(ndim_constant));
   });
 }
 
 // Any map: each input row finds the output rows its taps reach in a table of the outputs and
 // writes nbr[o, t] = i (and nbr_t[i, t] = o). An input reaches at most prod(ceil(k / s)) outputs
-// of a strided map, far fewer than the K taps each output would look up. nbr must be all -1;
-// nbr_t (may be null) is cleared row by row by the task that owns the row.
+// of a strided map, far fewer than the K taps each output would look up. nbr_t (may be null) is
+// cleared row by row by the task that owns the row.
 ffi::Future ScatterNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, const int32_t* in, int64_t n_in,
                              const int32_t* out, int64_t n_out, int32_t* nbr, int32_t* nbr_t) {
-  auto table = std::make_shared<SiteTable>(out, n_out, g, g.out_shape);
+  auto staged = std::make_shared<StagedTable>(n_out, n_out);
+  const SiteTable* table = &staged->table;
+  const int64_t setup = staged->setup_tasks();
   auto scatter = [=](auto ndim_constant) {
     constexpr int kNdim = decltype(ndim_constant)::value;
-    return [=](int64_t task) {
+    return [=](int64_t job) {
+      if (staged->Setup(job, out, n_out, g, g.out_shape, nbr, n_out)) return;
+      const int64_t task = job - setup;
       std::vector<Probe> probes(kProbeGroup * g.taps);
       std::vector<int64_t> axis_table(AxisTableSize(g));
       const int64_t last = std::min(n_in, (task + 1) * kRowsPerTask);
@@ -348,7 +434,7 @@ ffi::Future ScatterNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, const 
     };
   };
   return DispatchNdim(g.ndim, [&](auto ndim_constant) {
-    return ParallelFor(pool, (n_in + kRowsPerTask - 1) / kRowsPerTask, scatter(ndim_constant));
+    return ParallelFor(pool, setup + (n_in + kRowsPerTask - 1) / kRowsPerTask, scatter(ndim_constant));
   });
 }
 
@@ -380,8 +466,6 @@ ffi::Future NeighborsImpl(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::
   const bool with_transpose = td[0] == n_in && n_in > 0;
   int32_t* forward = nbr->typed_data<int32_t>();
   int32_t* backward = nbr_t->typed_data<int32_t>();
-  // Tasks write other rows' cells, so every row is cleared before any task starts.
-  std::fill(forward, forward + n_out * g.taps, -1);
   if (symmetric) return SymmetricNeighbors(pool, g, in_indices.typed_data<int32_t>(), n_in, forward);
   return ScatterNeighbors(pool, g, in_indices.typed_data<int32_t>(), n_in, out_indices.typed_data<int32_t>(),
                           n_out, forward, with_transpose ? backward : nullptr);
