@@ -68,12 +68,6 @@ std::string ValidateConvArgs(const std::string& op, const ffi::AnyBuffer& featur
   return {};
 }
 
-// Row `i` of features, or nullptr when the map has no input there (-1, or out of range).
-template <typename T>
-const T* InputRow(const T* features, int64_t n_in, int64_t c_in, int32_t i) {
-  return i >= 0 && i < n_in ? features + i * c_in : nullptr;
-}
-
 // float32 [taps][groups][a][b_pad]: each group's slice of each tap, columns zero-padded.
 template <typename T>
 std::vector<float> PackKernel(const T* kernel, const ConvDims& d, int64_t b_pad) {
@@ -116,28 +110,31 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
     std::vector<float> a(kGemmRows * d.c_in());
     float* spare = acc.data() + rows * ldc;
     float* c_rows[kGemmRows];
-    // The tile's pairs grouped by tap: a counting sort in two row-major passes over its nbr rows
-    // (reading nbr column by column would touch every cache line of the tile once per tap).
-    std::vector<int64_t> tap_start(d.taps + 1, 0);
+    // The tile's pairs grouped by tap. Sparse maps leave most nbr cells empty, so one branch-free
+    // row-major pass collects the valid cells (reading nbr column by column would touch every
+    // cache line of the tile once per tap), then a counting sort orders those few by tap.
     const int32_t* tile_nbr = nbr + first * d.taps;
+    std::vector<int32_t> valid_rows(rows * d.taps + 1), valid_taps(rows * d.taps + 1);
+    int64_t num_valid = 0;
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t c = 0; c < d.taps; ++c) {
-        const int32_t i = tile_nbr[r * d.taps + c];
-        if (i >= 0 && i < d.n_in) ++tap_start[tap_column(c) + 1];
+        valid_rows[num_valid] = static_cast<int32_t>(r);
+        valid_taps[num_valid] = static_cast<int32_t>(tap_column(c));
+        const uint32_t i = static_cast<uint32_t>(tile_nbr[r * d.taps + c]);  // -1 wraps past n_in
+        num_valid += i < static_cast<uint64_t>(d.n_in);
       }
     }
+    std::vector<int64_t> tap_start(d.taps + 1, 0);
+    for (int64_t v = 0; v < num_valid; ++v) ++tap_start[valid_taps[v] + 1];
     for (int64_t k = 0; k < d.taps; ++k) tap_start[k + 1] += tap_start[k];
     std::vector<int64_t> cursor(tap_start.begin(), tap_start.end() - 1);
-    std::vector<int64_t> pair_rows(tap_start[d.taps]);  // tile row of each pair
-    std::vector<const T*> pair_inputs(tap_start[d.taps]);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < d.taps; ++c) {
-        const T* x = InputRow(features, d.n_in, d.c_in(), tile_nbr[r * d.taps + c]);
-        if (x == nullptr) continue;
-        const int64_t slot = cursor[tap_column(c)]++;
-        pair_rows[slot] = r;
-        pair_inputs[slot] = x;
-      }
+    std::vector<int64_t> pair_rows(num_valid);  // tile row of each pair
+    std::vector<const T*> pair_inputs(num_valid);
+    for (int64_t v = 0; v < num_valid; ++v) {
+      const int64_t k = valid_taps[v], r = valid_rows[v];
+      const int64_t slot = cursor[k]++;
+      pair_rows[slot] = r;
+      pair_inputs[slot] = features + int64_t{tile_nbr[r * d.taps + tap_column(k)]} * d.c_in();
     }
     for (int64_t k = 0; k < d.taps; ++k) {
       const int64_t count = tap_start[k + 1] - tap_start[k];
