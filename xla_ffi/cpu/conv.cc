@@ -10,6 +10,7 @@
 //   then added in range order, again independent of scheduling.
 // Neither materializes [N, K, C]: a task gathers kGemmRows rows at a time.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -208,8 +209,8 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
   const int64_t a_pad = RoundUp(d.a, kGemmRows);
   const int64_t ldc = d.groups * b_pad;
   // Output rows are cut into at most 16 ranges (a function of N only, never of the thread
-  // count); each range's task sums its pairs per tap into its own float32 partial, and the
-  // partials are added in range order.
+  // count); each range's task sums its pairs per tap into its own float32 partial. Then one task
+  // per tap, once every range task is done (parallel.h), adds that tap's partials in range order.
   const int64_t range = std::max<int64_t>(4096, (d.n_out + 15) / 16);
   const int64_t num_ranges = (d.n_out + range - 1) / range;
   const int64_t partial_size = a_pad * ldc;
@@ -217,16 +218,49 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
   // map are used, and clearing them all up front would be a serial pass over megabytes).
   std::shared_ptr<float[]> partials(new float[num_ranges * d.taps * partial_size]);
   auto used = std::make_shared<std::vector<char>>(num_ranges * d.taps, 0);
+  // d_kernel[k]: tap k's partials summed in range order.
+  auto ReduceTap = [=](int64_t k) {
+    std::vector<float> sum(partial_size, 0.0f);
+    for (int64_t t = 0; t < num_ranges; ++t) {
+      if (!(*used)[t * d.taps + k]) continue;
+      const float* partial = partials.get() + (t * d.taps + k) * partial_size;
+      for (int64_t e = 0; e < partial_size; ++e) sum[e] += partial[e];
+    }
+    for (int64_t c = 0; c < d.a; ++c) {
+      T* dst = d_kernel + (k * d.a + c) * d.c_out();
+      for (int64_t g = 0; g < d.groups; ++g) {
+        for (int64_t j = 0; j < d.b; ++j) dst[g * d.b + j] = FromFloat<T>(sum[c * ldc + g * b_pad + j]);
+      }
+    }
+  };
+  auto ranges_done = std::make_shared<std::atomic<int64_t>>(0);
   auto body = [=](int64_t task) {
+    if (task >= num_ranges) {
+      AwaitCount(*ranges_done, num_ranges);
+      ReduceTap(task - num_ranges);
+      return;
+    }
     const int64_t first = task * range;
     const int64_t last = std::min(d.n_out, first + range);
-    // (output row, input row) pairs of each tap within the range, in output-row order.
-    std::vector<std::vector<std::pair<int32_t, int32_t>>> pairs(d.taps);
+    // (output row, input row) pairs of each tap within the range, in output-row order: the
+    // valid cells in one branch-free pass, then a counting sort by tap (as in GatherGemm).
+    std::vector<int32_t> valid_rows((last - first) * d.taps + 1), valid_taps((last - first) * d.taps + 1);
+    int64_t num_valid = 0;
     for (int64_t o = first; o < last; ++o) {
       for (int64_t k = 0; k < d.taps; ++k) {
-        const int32_t i = nbr[o * d.taps + k];
-        if (i >= 0 && i < d.n_in) pairs[k].emplace_back(static_cast<int32_t>(o), i);
+        valid_rows[num_valid] = static_cast<int32_t>(o);
+        valid_taps[num_valid] = static_cast<int32_t>(k);
+        num_valid += static_cast<uint32_t>(nbr[o * d.taps + k]) < static_cast<uint64_t>(d.n_in);  // -1 wraps
       }
+    }
+    std::vector<int64_t> tap_start(d.taps + 1, 0);
+    for (int64_t v = 0; v < num_valid; ++v) ++tap_start[valid_taps[v] + 1];
+    for (int64_t k = 0; k < d.taps; ++k) tap_start[k + 1] += tap_start[k];
+    std::vector<int64_t> cursor(tap_start.begin(), tap_start.end() - 1);
+    std::vector<std::pair<int32_t, int32_t>> sorted_pairs(num_valid);
+    for (int64_t v = 0; v < num_valid; ++v) {
+      const int64_t o = valid_rows[v], k = valid_taps[v];
+      sorted_pairs[cursor[k]++] = {static_cast<int32_t>(o), nbr[o * d.taps + k]};
     }
     constexpr int64_t kChunk = 256;  // pairs gathered at a time
     std::vector<float> x(kChunk * d.c_in());
@@ -234,19 +268,21 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
     std::vector<float> tail(kGemmRows * kChunk);  // the last channel block, zero-padded
     float* c_rows[kGemmRows];
     for (int64_t k = 0; k < d.taps; ++k) {
-      if (pairs[k].empty()) continue;
+      const std::pair<int32_t, int32_t>* pairs = sorted_pairs.data() + tap_start[k];
+      const int64_t count = tap_start[k + 1] - tap_start[k];
+      if (count == 0) continue;
       (*used)[task * d.taps + k] = 1;
       float* partial = partials.get() + (task * d.taps + k) * partial_size;
       std::fill_n(partial, partial_size, 0.0f);
-      for (size_t begin = 0; begin < pairs[k].size(); begin += kChunk) {
-        const int64_t len = std::min<int64_t>(kChunk, pairs[k].size() - begin);
+      for (int64_t begin = 0; begin < count; begin += kChunk) {
+        const int64_t len = std::min<int64_t>(kChunk, count - begin);
         for (int64_t p = 0; p < len; ++p) {
-          if (begin + p + 16 < pairs[k].size()) {  // the gathered rows are scattered: prefetch ahead
-            const auto [o_next, i_next] = pairs[k][begin + p + 16];
+          if (begin + p + 16 < count) {  // the gathered rows are scattered: prefetch ahead
+            const auto [o_next, i_next] = pairs[begin + p + 16];
             __builtin_prefetch(features + i_next * d.c_in());
             __builtin_prefetch(d_out + o_next * d.c_out());
           }
-          const auto [o, i] = pairs[k][begin + p];
+          const auto [o, i] = pairs[begin + p];
           const T* xs = features + i * d.c_in();
           for (int64_t c = 0; c < d.c_in(); ++c) x[p * d.c_in() + c] = ToFloat(xs[c]);
           const T* ys = d_out + o * d.c_out();
@@ -272,25 +308,9 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
         }
       }
     }
+    ranges_done->fetch_add(1, std::memory_order_release);
   };
-  auto finish = [=]() {
-    std::vector<float> sum(partial_size);
-    for (int64_t k = 0; k < d.taps; ++k) {
-      std::fill(sum.begin(), sum.end(), 0.0f);
-      for (int64_t t = 0; t < num_ranges; ++t) {
-        if (!(*used)[t * d.taps + k]) continue;
-        const float* partial = partials.get() + (t * d.taps + k) * partial_size;
-        for (int64_t e = 0; e < partial_size; ++e) sum[e] += partial[e];
-      }
-      for (int64_t c = 0; c < d.a; ++c) {
-        T* dst = d_kernel + (k * d.a + c) * d.c_out();
-        for (int64_t g = 0; g < d.groups; ++g) {
-          for (int64_t j = 0; j < d.b; ++j) dst[g * d.b + j] = FromFloat<T>(sum[c * ldc + g * b_pad + j]);
-        }
-      }
-    }
-  };
-  return ParallelFor(pool, num_ranges, body, finish);
+  return ParallelFor(pool, num_ranges + d.taps, body);
 }
 
 ffi::Future WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::AnyBuffer d_out,
