@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -62,41 +61,23 @@ def available() -> bool:
   return True
 
 
-def _best_time(fn: Callable[[], Any], repeats: int) -> float:
-  """Seconds per call: the best of ``repeats`` timed calls after one warm-up call."""
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
-def measure(
-  indices: np.ndarray,
-  spatial_shape: Sequence[int],
-  batch_size: int,
-  channels: int,
-  repeats: int = 3,
-  seed: int = 0,
-) -> dict[str, float]:
-  """Times spconv's 3-D layers on ``indices int32 [N, 4]`` (batch, z, y, x), single-threaded.
+def calls(
+  indices: np.ndarray, spatial_shape: Sequence[int], batch_size: int, channels: int, seed: int = 0
+) -> dict[str, Callable[[], Any]]:
+  """spconv's 3-D layers on ``indices int32 [N, 4]`` (batch, z, y, x) as zero-argument calls, to
+  be timed single-threaded beside jsparse.
 
   Args:
     indices: active sites, unique, column 0 the batch index.
     spatial_shape: the grid, 3 ints in the order of the coordinate columns.
     batch_size: number of samples.
     channels: ``C``; both convolutions map ``C -> C`` without bias, on float32 features ``[N, C]``.
-    repeats: timed calls per figure (after one warm-up call).
     seed: seed of the random features.
 
   Returns:
-    Seconds per call (the best of ``repeats``):
-
     - ``subm_map``: the SubM 3x3x3 kernel map alone.
     - ``subm_forward``: ``SubMConv3d(C, C, 3)`` forward reusing that map (cached under its
-      ``indice_key``), so only the convolution is timed.
+      ``indice_key``), so only the convolution runs.
     - ``conv_forward``: ``SparseConv3d(C, C, 3, stride=2, padding=1)`` forward, map building
       included.
     - ``conv_map``: that strided conv's kernel map alone.
@@ -122,12 +103,20 @@ def measure(
   def fresh() -> Any:
     return spconv.SparseConvTensor(features, indices_t, shape, batch_size)
 
+  def no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+    def call() -> Any:
+      torch.set_num_threads(1)
+      with torch.no_grad():
+        return fn()
+
+    return call
+
   with torch.no_grad():
     cached = fresh()
     cached.indice_dict = subm(cached).indice_dict  # the map under "subm": reused from now on
-    return {
-      "subm_map": _best_time(lambda: build_map(subm), repeats),
-      "subm_forward": _best_time(lambda: subm(cached), repeats),
-      "conv_forward": _best_time(lambda: down(fresh()), repeats),
-      "conv_map": _best_time(lambda: build_map(down), repeats),
-    }
+  return {
+    "subm_map": no_grad(lambda: build_map(subm)),
+    "subm_forward": no_grad(lambda: subm(cached)),
+    "conv_forward": no_grad(lambda: down(fresh())),
+    "conv_map": no_grad(lambda: build_map(down)),
+  }

@@ -5,7 +5,8 @@ reference-path time and their ratio; useful GFLOP/s (2 x active pairs x C_in x C
 that rate as a fraction of a dense float32 matmul ``[sites, C] @ [C, C]`` measured in the same run;
 and, when torch + spconv 2.3.8 are installed, spconv's CPU time (single-threaded, its only correct
 setting) and spconv time / FFI time. Times are the best of ``--repeats`` calls after a compiling
-warm-up (the slow reference path gets one timed call). Peak memory (max RSS) is printed last.
+warm-up (the slow reference path gets one timed call); the FFI kernel and spconv take turns call
+by call, so a slow spell of the machine hits both. Peak memory (max RSS) is printed last.
 
   python benchmarks/bench_conv.py [--voxel 0.1 0.05] [--batch 1 4] [--channels 16 32 64 128]
 """
@@ -34,15 +35,23 @@ import _spconv  # noqa: E402
 SCAN = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "nuscenes_lidar_top.bin"
 
 
-def best_time(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
-  """Seconds per call: the best of ``repeats`` timed calls after a compiling warm-up."""
-  jax.block_until_ready(fn(*args))
-  times = []
+def best_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+  """Seconds per call of each function: the best of ``repeats`` timed calls after a warm-up (which
+  compiles), the functions taking turns call by call."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return min(times)
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: min(t) for name, t in times.items()}
+
+
+def best_time(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
+  """Seconds per call of ``fn(*args)``: the best of ``repeats`` timed calls after a warm-up."""
+  return best_times({"fn": lambda: fn(*args)}, repeats)["fn"]
 
 
 def dense_matmul_gflops(rows: int, channels: int, repeats: int) -> float:
@@ -100,11 +109,27 @@ class Table:
     return "".join(f"{n:<{w}}" if n == "case" else f"{n:>{w}}" for n, w in self.COLUMNS)
 
 
-def timed(backend: str, fn: Callable[..., Any], *args: Any, repeats: int) -> float:
+def jitted(backend: str, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+  """``fn(*args)`` jitted on ``backend`` (traced and compiled here), as a zero-argument call."""
   # A fresh function per backend: jax.jit caches traces per function object, and the backend is
   # read when tracing.
   with jsparse.backend(backend):
-    return best_time(jax.jit(lambda *a: fn(*a)), *args, repeats=repeats)
+    compiled = jax.jit(lambda *a: fn(*a))
+    jax.block_until_ready(compiled(*args))
+  return lambda: compiled(*args)
+
+
+def timed(
+  fn: Callable[..., Any], *args: Any, repeats: int, spconv: Callable[[], Any] | None = None
+) -> tuple[float, float, float | None]:
+  """``(FFI, reference, spconv)`` seconds per call of ``fn(*args)`` (spconv: None without a call);
+  the FFI kernel and spconv take turns, the reference path gets one timed call."""
+  fns = {"ffi": jitted("ffi", fn, *args)}
+  if spconv is not None:
+    fns["spconv"] = spconv
+  times = best_times(fns, repeats)
+  ref = best_times({"ref": jitted("reference", fn, *args)}, 1)["ref"]
+  return times["ffi"], ref, times.get("spconv")
 
 
 def main() -> None:
@@ -142,22 +167,22 @@ def main() -> None:
       jsparse.check_capacity({"conv k3 s2 p1": jnp.stack([down_pairs.num_out, down_capacity])})
       active_pairs = int(jnp.sum(pairs.nbr >= 0))
       active_down_pairs = int(jnp.sum(down_pairs.nbr >= 0))
-      theirs = {}
-      if with_spconv:
-        active = np.array(x.indices)[:sites]
-        for c in args.channels:
-          theirs[c] = _spconv.measure(active, x.spatial_shape, batch, c, repeats=args.repeats)
-      any_c = theirs[args.channels[0]] if theirs else {}
-      table.add(
-        f"{name}: subm 3x3x3 map", sites, active_pairs,
-        timed("ffi", build_subm, x.indices, repeats=args.repeats),
-        timed("reference", build_subm, x.indices, repeats=1), spconv=any_c.get("subm_map"),
-      )  # fmt: skip
-      table.add(
-        f"{name}: conv k3 s2 p1 map ({int(down_pairs.num_out)} out)", sites, active_down_pairs,
-        timed("ffi", build_down, x.indices, repeats=args.repeats),
-        timed("reference", build_down, x.indices, repeats=1), spconv=any_c.get("conv_map"),
-      )  # fmt: skip
+      active = np.array(x.indices)[:sites]
+      theirs = lambda c, a=active, x=x, b=batch: (
+        _spconv.calls(a, x.spatial_shape, b, c) if with_spconv else {}
+      )  # noqa: E731
+      any_c = theirs(args.channels[0])
+      for label, build, map_pairs, spconv_call in (
+        ("subm 3x3x3 map", build_subm, active_pairs, any_c.get("subm_map")),
+        (
+          f"conv k3 s2 p1 map ({int(down_pairs.num_out)} out)",
+          build_down,
+          active_down_pairs,
+          any_c.get("conv_map"),
+        ),
+      ):
+        ffi, ref, spconv_time = timed(build, x.indices, repeats=args.repeats, spconv=spconv_call)
+        table.add(f"{name}: {label}", sites, map_pairs, ffi, ref, spconv=spconv_time)
       rng = np.random.default_rng(0)
       for c in args.channels:
         features = jnp.asarray(rng.standard_normal((x.capacity, c)), jnp.float32)
@@ -166,26 +191,33 @@ def main() -> None:
         both = jax.grad(lambda f, k, p: jnp.sum(ops.sparse_conv(f, k, p) ** 2), argnums=(0, 1))
         flops = 2 * active_pairs * c * c
         dense = dense_matmul_gflops(sites, c, args.repeats)
-        spconv = theirs.get(c, {})
-        for label, fn, work, spconv_time in (
-          ("forward", forward, flops, spconv.get("subm_forward")),
-          ("fwd+bwd", both, 3 * flops, None),  # spconv's CPU build has no backward
-        ):
+        spconv = any_c if c == args.channels[0] else theirs(c)
+        # Forward, forward + backward and spconv's forward take turns, so their ratios hold.
+        calls = {
+          "forward": jitted("ffi", forward, features, kernel, pairs),
+          "fwd+bwd": jitted("ffi", both, features, kernel, pairs),
+        }
+        if "subm_forward" in spconv:
+          calls["spconv"] = spconv["subm_forward"]
+        times = best_times(calls, args.repeats)
+        for label, fn, work in (("forward", forward, flops), ("fwd+bwd", both, 3 * flops)):
+          ref = best_times({"ref": jitted("reference", fn, features, kernel, pairs)}, 1)["ref"]
+          theirs_time = times.get("spconv") if label == "forward" else None  # spconv's CPU build: no backward
           table.add(
-            f"{name}: subm C={c} {label} (map reused)", sites, active_pairs,
-            timed("ffi", fn, features, kernel, pairs, repeats=args.repeats),
-            timed("reference", fn, features, kernel, pairs, repeats=1), work, dense, spconv_time,
+            f"{name}: subm C={c} {label} (map reused)", sites, active_pairs, times[label], ref, work, dense,
+            theirs_time,
           )  # fmt: skip
         if c == 64 or c == args.channels[-1] and 64 not in args.channels:
 
           def strided(f, k, i, s=down, b=batch, cap=down_capacity):
             return ops.sparse_conv(f, k, ops.build_map(i, s, b, cap))
 
+          ffi, ref, spconv_time = timed(
+            strided, features, kernel, x.indices, repeats=args.repeats, spconv=spconv.get("conv_forward")
+          )
           table.add(
-            f"{name}: conv k3 s2 p1 C={c} fwd incl. map", sites, active_down_pairs,
-            timed("ffi", strided, features, kernel, x.indices, repeats=args.repeats),
-            timed("reference", strided, features, kernel, x.indices, repeats=1),
-            2 * active_down_pairs * c * c, dense, spconv.get("conv_forward"),
+            f"{name}: conv k3 s2 p1 C={c} fwd incl. map", sites, active_down_pairs, ffi, ref,
+            2 * active_down_pairs * c * c, dense, spconv_time,
           )  # fmt: skip
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(f"peak memory (max RSS of this process): {peak:.0f} MiB")

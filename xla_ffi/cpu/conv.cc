@@ -153,7 +153,7 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
         for (int r = 0; r < filled; ++r) {
           const T* x = inputs[begin + r];
           float* dst = a.data() + r * d.c_in();
-          for (int64_t c = 0; c < d.c_in(); ++c) dst[c] = ToFloat(x[c]);
+          ToFloatRow(x, d.c_in(), dst);
           c_rows[r] = acc.data() + valid[begin + r] * ldc;
         }
         for (int r = filled; r < kGemmRows; ++r) {
@@ -170,7 +170,7 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
       T* dst = out + (first + r) * d.c_out();
       for (int64_t g = 0; g < d.groups; ++g) {
         const float* src = acc.data() + r * ldc + g * b_pad;
-        for (int64_t j = 0; j < d.b; ++j) dst[g * d.b + j] = FromFloat<T>(src[j]);
+        FromFloatRow(src, d.b, dst + g * d.b);
       }
     }
   };
@@ -209,8 +209,10 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
   const int64_t a_pad = RoundUp(d.a, kGemmRows);
   const int64_t ldc = d.groups * b_pad;
   // Output rows are cut into at most 16 ranges (a function of N only, never of the thread
-  // count); each range's task sums its pairs per tap into its own float32 partial. Then one task
-  // per tap, once every range task is done (parallel.h), adds that tap's partials in range order.
+  // count); each range's task sums its pairs per tap into its own float32 partial, and the
+  // partials are added in range order. (The sums run after the phase, not as tasks waiting for
+  // the range tasks: XLA may run this call beside the input gradient's on the same pool, and a
+  // waiting task would hold a worker.)
   const int64_t range = std::max<int64_t>(4096, (d.n_out + 15) / 16);
   const int64_t num_ranges = (d.n_out + range - 1) / range;
   const int64_t partial_size = a_pad * ldc;
@@ -219,7 +221,7 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
   std::shared_ptr<float[]> partials(new float[num_ranges * d.taps * partial_size]);
   auto used = std::make_shared<std::vector<char>>(num_ranges * d.taps, 0);
   // d_kernel[k]: tap k's partials summed in range order.
-  auto ReduceTap = [=](int64_t k) {
+  auto reduce_tap = [=](int64_t k) {
     std::vector<float> sum(partial_size, 0.0f);
     for (int64_t t = 0; t < num_ranges; ++t) {
       if (!(*used)[t * d.taps + k]) continue;
@@ -233,13 +235,7 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
       }
     }
   };
-  auto ranges_done = std::make_shared<std::atomic<int64_t>>(0);
   auto body = [=](int64_t task) {
-    if (task >= num_ranges) {
-      AwaitCount(*ranges_done, num_ranges);
-      ReduceTap(task - num_ranges);
-      return;
-    }
     const int64_t first = task * range;
     const int64_t last = std::min(d.n_out, first + range);
     // (output row, input row) pairs of each tap within the range, in output-row order: the
@@ -284,10 +280,10 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
           }
           const auto [o, i] = pairs[begin + p];
           const T* xs = features + i * d.c_in();
-          for (int64_t c = 0; c < d.c_in(); ++c) x[p * d.c_in() + c] = ToFloat(xs[c]);
+          ToFloatRow(xs, d.c_in(), x.data() + p * d.c_in());
           const T* ys = d_out + o * d.c_out();
           for (int64_t g = 0; g < d.groups; ++g) {
-            for (int64_t j = 0; j < d.b; ++j) dy[p * ldc + g * b_pad + j] = ToFloat(ys[g * d.b + j]);
+            ToFloatRow(ys + g * d.b, d.b, dy.data() + p * ldc + g * b_pad);
           }
         }
         for (int64_t g = 0; g < d.groups; ++g) {
@@ -308,9 +304,11 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
         }
       }
     }
-    ranges_done->fetch_add(1, std::memory_order_release);
   };
-  return ParallelFor(pool, num_ranges + d.taps, body);
+  auto finish = [=]() {
+    for (int64_t k = 0; k < d.taps; ++k) reduce_tap(k);
+  };
+  return ParallelFor(pool, num_ranges, body, finish);
 }
 
 ffi::Future WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::AnyBuffer d_out,

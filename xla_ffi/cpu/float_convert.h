@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace jsparse {
 
@@ -87,6 +88,26 @@ inline Float16 FromFloat<Float16>(float x) {
   uint32_t result = mantissa >> shift;
   if (remainder > half || (remainder == half && (result & 1u))) ++result;
   return {static_cast<uint16_t>(sign | result)};
+}
+
+// Rows of n values to and from float32. float32 rows are plain copies, done with memcpy, which
+// the C library vectorizes for the CPU at hand (this file is compiled for baseline x86-64).
+template <typename T>
+inline void ToFloatRow(const T* src, int64_t n, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = ToFloat(src[j]);
+  }
+}
+
+template <typename T>
+inline void FromFloatRow(const float* src, int64_t n, T* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = FromFloat<T>(src[j]);
+  }
 }
 
 }  // namespace jsparse
