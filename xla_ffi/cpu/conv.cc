@@ -216,6 +216,8 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
   const int64_t range = std::max<int64_t>(4096, (d.n_out + 15) / 16);
   const int64_t num_ranges = (d.n_out + range - 1) / range;
   const int64_t partial_size = a_pad * ldc;
+  // float32 rows whose channel blocks fill whole micro-kernel blocks are read in place.
+  const bool in_place = std::is_same_v<T, float> && d.a % kGemmRows == 0 && d.b % GemmLanes() == 0;
   // Left uninitialized: a task clears the partials it uses (most (range, tap) pairs of a large
   // map are used, and clearing them all up front would be a serial pass over megabytes).
   std::shared_ptr<float[]> partials(new float[num_ranges * d.taps * partial_size]);
@@ -259,6 +261,7 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
       sorted_pairs[cursor[k]++] = {static_cast<int32_t>(o), nbr[o * d.taps + k]};
     }
     constexpr int64_t kChunk = 256;  // pairs gathered at a time
+    std::vector<const float*> x_rows(kChunk), y_rows(kChunk);
     std::vector<float> x(kChunk * d.c_in());
     std::vector<float> dy(kChunk * ldc, 0.0f);
     std::vector<float> tail(kGemmRows * kChunk);  // the last channel block, zero-padded
@@ -270,6 +273,23 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
       (*used)[task * d.taps + k] = 1;
       float* partial = partials.get() + (task * d.taps + k) * partial_size;
       std::fill_n(partial, partial_size, 0.0f);
+      if (in_place) {  // float32 rows read where they are: no gathering copies
+        for (int64_t begin = 0; begin < count; begin += kChunk) {
+          const int64_t len = std::min<int64_t>(kChunk, count - begin);
+          for (int64_t g = 0; g < d.groups; ++g) {
+            for (int64_t p = 0; p < len; ++p) {
+              const auto [o, i] = pairs[begin + p];
+              x_rows[p] = reinterpret_cast<const float*>(features) + i * d.c_in() + g * d.a;
+              y_rows[p] = reinterpret_cast<const float*>(d_out) + o * d.c_out() + g * d.b;
+            }
+            for (int64_t r0 = 0; r0 < d.a; r0 += kGemmRows) {
+              for (int r = 0; r < kGemmRows; ++r) c_rows[r] = partial + (r0 + r) * ldc;
+              GemmRowsGathered(x_rows.data(), r0, y_rows.data(), len, b_pad, c_rows, g * b_pad);
+            }
+          }
+        }
+        continue;
+      }
       for (int64_t begin = 0; begin < count; begin += kChunk) {
         const int64_t len = std::min<int64_t>(kChunk, count - begin);
         for (int64_t p = 0; p < len; ++p) {

@@ -87,4 +87,15 @@ void GemmRows(const float* a, int64_t a_row, int64_t a_inner, int64_t inner, con
   }
 }
 
+void GemmRowsGathered(const float* const* a_rows, int64_t a_offset, const float* const* b_rows, int64_t inner,
+                      int64_t cols, float* const* c_rows, int64_t c_offset) {
+  switch (kIsa) {
+#ifdef JSPARSE_GEMM_X86
+    case Isa::kAvx512: return avx512::GemmRowsGathered(a_rows, a_offset, b_rows, inner, cols, c_rows, c_offset);
+    case Isa::kAvx2: return avx2::GemmRowsGathered(a_rows, a_offset, b_rows, inner, cols, c_rows, c_offset);
+#endif
+    default: return portable::GemmRowsGathered(a_rows, a_offset, b_rows, inner, cols, c_rows, c_offset);
+  }
+}
+
 }  // namespace jsparse
