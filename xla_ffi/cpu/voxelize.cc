@@ -54,7 +54,7 @@ struct VoxelGeometry {
 };
 
 // Open-addressing tables from cell key to voxel row (-1: a voxel past max_num_voxels, counted but
-// never stored). Both have the same interface; AssignVoxels takes either.
+// never stored). Both have the same interface; InsertPoints takes either.
 //
 // Grids of at most 2**32 cells (all common ones) pack key and voxel into one 8-byte slot, halving
 // the table's memory traffic. 0 marks an empty slot.
@@ -181,7 +181,8 @@ int64_t InsertPoints(const VoxelGeometry& g, const float* points, int64_t featur
           std::this_thread::yield();
         } else if (keys.Claim(later)) {
           const int64_t later_begin = later * kCellChunk;
-          ComputeCellKeys<kNdim>(g, points, features, later_begin, std::min(active, later_begin + kCellChunk), mask, keys);
+          const int64_t later_end = std::min(active, later_begin + kCellChunk);
+          ComputeCellKeys<kNdim>(g, points, features, later_begin, later_end, mask, keys);
           keys.Publish(later);
         }
       }
