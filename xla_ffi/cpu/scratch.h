@@ -16,7 +16,8 @@
 namespace jsparse {
 
 // Uninitialized memory of at least `bytes` bytes (64-byte aligned), returned to the cache when
-// the last copy of the pointer is dropped.
+// the last copy of the pointer is dropped. The cache keeps at most kMaxIdleBlocks blocks and
+// kMaxIdleBytes in all; blocks beyond that are freed.
 inline std::shared_ptr<std::byte> AcquireScratch(size_t bytes) {
   struct Block {
     std::unique_ptr<std::byte[]> memory;
@@ -29,6 +30,7 @@ inline std::shared_ptr<std::byte> AcquireScratch(size_t bytes) {
   static Cache* cache = new Cache;  // never destroyed: blocks may come back during exit
   constexpr size_t kAlign = 64;
   constexpr size_t kMaxIdleBlocks = 8;
+  constexpr size_t kMaxIdleBytes = size_t{256} << 20;
   Block block;
   {
     std::lock_guard<std::mutex> lock(cache->mutex);
@@ -46,7 +48,9 @@ inline std::shared_ptr<std::byte> AcquireScratch(size_t bytes) {
   auto held = std::make_shared<Block>(std::move(block));
   return std::shared_ptr<std::byte>(aligned, [held](std::byte*) {
     std::lock_guard<std::mutex> lock(cache->mutex);
-    if (cache->blocks.size() < kMaxIdleBlocks) cache->blocks.push_back(std::move(*held));
+    size_t idle = held->bytes;
+    for (const Block& b : cache->blocks) idle += b.bytes;
+    if (cache->blocks.size() < kMaxIdleBlocks && idle <= kMaxIdleBytes) cache->blocks.push_back(std::move(*held));
   });
 }
 
