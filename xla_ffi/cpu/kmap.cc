@@ -6,8 +6,10 @@
 //   the set is independent of scheduling, and the last task sorts it, so outputs come sorted by
 //   (batch, coords) and deduplicated. Sites past the capacity are counted in num_out, not written.
 // jsparse_kmap_neighbors: nbr[o, k], the input row that output o reads through tap k (-1 if none),
-//   and optionally its transpose nbr_t[i, k]. Odd submanifold maps are symmetric (nbr[o, k] = i
-//   iff nbr[i, K-1-k] = o): a table of the sites, and each row looks up half of its taps. Other
+//   and optionally its transpose nbr_t[i, k]. Odd submanifold maps over sites sorted by key (what
+//   strided layers produce) walk the sorted keys with a cursor per tap; otherwise they are
+//   symmetric (nbr[o, k] = i iff nbr[i, K-1-k] = o): a table of the sites, and each row looks up
+//   half of its taps. Other
 //   maps scatter: a table of the outputs, and each input looks up the outputs it reaches. Where
 //   several rows could write one cell (only if sites repeat) the smallest row wins, so results
 //   stay independent of scheduling.
@@ -340,6 +342,60 @@ struct Probe {
 };
 constexpr int64_t kProbeGroup = 8;  // rows per group
 
+// Submanifold map over sites whose active rows are sorted by key without repeats (what strided
+// convolutions and build_map produce): each row finds its neighbours by walking the sorted keys
+// with one monotone cursor per tap (a site's tap-t source key grows with the site's key), so no
+// hash table is built or probed. Each task owns a range of rows and writes only those rows.
+ffi::Future SortedNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, const int32_t* sites, int64_t n,
+                            std::shared_ptr<std::vector<uint64_t>> keys,
+                            std::shared_ptr<std::vector<int32_t>> rows, int32_t* nbr) {
+  auto walk = [=](auto ndim_constant) {
+    constexpr int kNdim = decltype(ndim_constant)::value;
+    return [=](int64_t task) {
+      const uint64_t* key = keys->data();
+      const int64_t m = static_cast<int64_t>(keys->size());
+      std::vector<int64_t> axis_table(AxisTableSize(g));
+      std::vector<int64_t> cursor(g.taps, -1);  // per tap: index into the sorted keys, -1 unset
+      const int64_t last = std::min(n, (task + 1) * kRowsPerTask);
+      for (int64_t o = task * kRowsPerTask; o < last; ++o) {
+        const int32_t* row = sites + o * (1 + g.ndim);
+        int32_t* out = nbr + o * g.taps;
+        std::fill(out, out + g.taps, -1);
+        if (!SiteInRange<kNdim>(g, row, g.in_shape)) continue;
+        AxisSources<kNdim>(g, row + 1, axis_table.data());
+        ForEachTap<kNdim>(g, row[0], axis_table.data(), g.in_shape, [&](int64_t t, uint64_t source) {
+          int64_t& c = cursor[t];
+          if (c < 0) c = std::lower_bound(key, key + m, source) - key;
+          while (c < m && key[c] < source) ++c;
+          if (c < m && key[c] == source) out[t] = (*rows)[c];
+        });
+      }
+    };
+  };
+  return DispatchNdim(g.ndim, [&](auto ndim_constant) {
+    return ParallelFor(pool, (n + kRowsPerTask - 1) / kRowsPerTask, walk(ndim_constant));
+  });
+}
+
+// The keys and rows of the active sites if their keys strictly increase with the row (sorted,
+// no repeats); false otherwise.
+bool SortedSites(const MapGeometry& g, const int32_t* sites, int64_t n, std::vector<uint64_t>* keys,
+                 std::vector<int32_t>* rows) {
+  int64_t coords[kMaxMapNdim];
+  keys->reserve(n);
+  rows->reserve(n);
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t* row = sites + r * (1 + g.ndim);
+    if (!SiteInRange(g, row, g.in_shape)) continue;
+    for (int j = 0; j < g.ndim; ++j) coords[j] = row[1 + j];
+    const uint64_t key = PackSite(row[0], coords, g.in_shape, g.ndim);
+    if (!keys->empty() && key <= keys->back()) return false;
+    keys->push_back(key);
+    rows->push_back(static_cast<int32_t>(r));
+  }
+  return true;
+}
+
 // Odd submanifold map (outputs = inputs): tap t of row o is tap K - 1 - t of the row it finds,
 // so each row looks up the taps up to the centre and writes both cells.
 ffi::Future SymmetricNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, const int32_t* sites, int64_t n,
@@ -466,7 +522,15 @@ ffi::Future NeighborsImpl(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::
   const bool with_transpose = td[0] == n_in && n_in > 0;
   int32_t* forward = nbr->typed_data<int32_t>();
   int32_t* backward = nbr_t->typed_data<int32_t>();
-  if (symmetric) return SymmetricNeighbors(pool, g, in_indices.typed_data<int32_t>(), n_in, forward);
+  if (symmetric) {
+    auto keys = std::make_shared<std::vector<uint64_t>>();
+    auto rows = std::make_shared<std::vector<int32_t>>();
+    const int32_t* sites = in_indices.typed_data<int32_t>();
+    if (SortedSites(g, sites, n_in, keys.get(), rows.get())) {
+      return SortedNeighbors(pool, g, sites, n_in, keys, rows, forward);
+    }
+    return SymmetricNeighbors(pool, g, sites, n_in, forward);
+  }
   return ScatterNeighbors(pool, g, in_indices.typed_data<int32_t>(), n_in, out_indices.typed_data<int32_t>(),
                           n_out, forward, with_transpose ? backward : nullptr);
 }
