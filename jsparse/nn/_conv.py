@@ -276,30 +276,26 @@ class SparseInverseConv(_Conv):
     return self._convolve(x, pairs, pairs.spec.in_spatial_shape, x.indice_dict, x.overflow)
 
 
-def fixed_ndim(cls: type, n: int, doc: str) -> type:
-  """``cls`` with ``num_spatial_dims`` fixed to ``n`` (spconv's ``SparseConv3d`` and friends)."""
+def fixed_ndims(cls: type) -> tuple[type, type, type, type]:
+  """``cls`` with ``num_spatial_dims`` fixed to 1, 2, 3 and 4 (spconv's ``SparseConv3d`` and friends)."""
 
-  def __init__(self, *args, **kwargs):
-    cls.__init__(self, n, *args, **kwargs)
+  def fixed(n: int) -> type:
+    def __init__(self, *args, **kwargs):
+      cls.__init__(self, n, *args, **kwargs)
 
-  name = f"{cls.__name__}{n}d"
-  namespace = {"__init__": __init__, "__doc__": doc, "__module__": cls.__module__, "__qualname__": name}
-  return type(cls)(name, (cls,), namespace)
+    name = f"{cls.__name__}{n}d"
+    doc = f"{n}-D :class:`{cls.__name__}` (arguments as it, without num_spatial_dims)."
+    namespace = {"__init__": __init__, "__doc__": doc, "__module__": cls.__module__, "__qualname__": name}
+    return type(cls)(name, (cls,), namespace)
+
+  return fixed(1), fixed(2), fixed(3), fixed(4)
 
 
-SparseConv1d, SparseConv2d, SparseConv3d, SparseConv4d = (
-  fixed_ndim(SparseConv, n, f"{n}-D :class:`SparseConv` (arguments as it, without num_spatial_dims).")
-  for n in (1, 2, 3, 4)
+SparseConv1d, SparseConv2d, SparseConv3d, SparseConv4d = fixed_ndims(SparseConv)
+SubMConv1d, SubMConv2d, SubMConv3d, SubMConv4d = fixed_ndims(SubMConv)
+SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTranspose4d = fixed_ndims(
+  SparseConvTranspose
 )
-SubMConv1d, SubMConv2d, SubMConv3d, SubMConv4d = (
-  fixed_ndim(SubMConv, n, f"{n}-D :class:`SubMConv` (arguments as it, without num_spatial_dims).")
-  for n in (1, 2, 3, 4)
-)
-SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTranspose4d = (
-  fixed_ndim(SparseConvTranspose, n, f"{n}-D :class:`SparseConvTranspose` (without num_spatial_dims).")
-  for n in (1, 2, 3, 4)
-)
-SparseInverseConv1d, SparseInverseConv2d, SparseInverseConv3d, SparseInverseConv4d = (
-  fixed_ndim(SparseInverseConv, n, f"{n}-D :class:`SparseInverseConv` (without num_spatial_dims).")
-  for n in (1, 2, 3, 4)
+SparseInverseConv1d, SparseInverseConv2d, SparseInverseConv3d, SparseInverseConv4d = fixed_ndims(
+  SparseInverseConv
 )

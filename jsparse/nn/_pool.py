@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from jsparse import ops
-from jsparse.nn._conv import BuildsMap, IntOrSeq, SparseModule, fixed_ndim
+from jsparse.nn._conv import BuildsMap, IntOrSeq, SparseModule, fixed_ndims
 from jsparse.tensor import SparseConvTensor
 
 
@@ -119,11 +119,5 @@ class SparseGlobalAvgPool(SparseModule):
     return ops.global_avg_pool(x.features, x.indices, x.batch_size)
 
 
-SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d = (
-  fixed_ndim(SparseMaxPool, n, f"{n}-D :class:`SparseMaxPool` (arguments as it, without num_spatial_dims).")
-  for n in (1, 2, 3, 4)
-)
-SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgPool4d = (
-  fixed_ndim(SparseAvgPool, n, f"{n}-D :class:`SparseAvgPool` (arguments as it, without num_spatial_dims).")
-  for n in (1, 2, 3, 4)
-)
+SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d = fixed_ndims(SparseMaxPool)
+SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgPool4d = fixed_ndims(SparseAvgPool)

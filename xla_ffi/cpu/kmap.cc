@@ -677,18 +677,19 @@ ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryA
       const int64_t bucket = task - prepare_tasks;
       AwaitCount(m.prepared, prepare_tasks);
       // Gather this bucket from every region, in task order, after the earlier buckets.
+      // Where this bucket starts in each region (the task's earlier buckets) and in `sorted` (their sum).
+      std::vector<int64_t> offset(input_tasks, 0);
       int64_t begin = 0, size = 0;
       for (int64_t t = 0; t < input_tasks; ++t) {
         const int64_t* counts = m.counts.data() + t * buckets;
-        for (int64_t b = 0; b < bucket; ++b) begin += counts[b];
+        for (int64_t b = 0; b < bucket; ++b) offset[t] += counts[b];
+        begin += offset[t];
       }
       Candidate* sorted = m.sorted + begin;
       for (int64_t t = 0; t < input_tasks; ++t) {
-        const int64_t* counts = m.counts.data() + t * buckets;
-        int64_t offset = 0;
-        for (int64_t b = 0; b < bucket; ++b) offset += counts[b];
-        std::copy_n(m.regions + t * m.region + offset, counts[bucket], sorted + size);
-        size += counts[bucket];
+        const int64_t count = m.counts[t * buckets + bucket];
+        std::copy_n(m.regions + t * m.region + offset[t], count, sorted + size);
+        size += count;
       }
       std::vector<Candidate> buffer(size);
       SortBucket(sorted, buffer.data(), size, std::ldexp(1.0, shift));
