@@ -138,6 +138,28 @@ def test_conv_and_gradients_match(dtype, kind, groups):
     np.testing.assert_allclose(a, b, rtol=CONV_TOLERANCE[dtype], atol=CONV_TOLERANCE[dtype] * np.abs(b).max())
 
 
+@pytest.mark.parametrize("c_in,c_out", [(8, 16), (5, 3)])
+def test_weight_gradient_over_many_row_ranges(c_in, c_out):
+  # The FFI weight gradient sums per-range partials (ranges of at least 4096 output rows) in a
+  # tree: 11 ranges here, the last ones all padding rows (no pairs at all), on the in-place
+  # (8, 16) and the copying (5, 3) path.
+  rng = np.random.default_rng(3)
+  shape = (40, 40, 40)
+  sites = random_sites(rng, 1, shape, 30000)
+  sites = sites[np.lexsort(sites.T[::-1])]  # sorted, so that ranges differ in their taps' pairs
+  indices = jnp.asarray(np.concatenate([sites, np.full((45000 - len(sites), 4), -1, np.int32)]))
+  pairs = ops.build_map(indices, ops.make_spec("subm", shape, 3), 1)
+  features = jnp.asarray(rng.standard_normal((indices.shape[0], c_in)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 3, c_in, c_out)), jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal((indices.shape[0], c_out)), jnp.float32)
+
+  def d_kernel(f, k):
+    return jax.vjp(lambda k: ops.sparse_conv(f, k, pairs, precision="highest"), k)[1](cotangent)[0]
+
+  ffi, reference = (np.asarray(g) for g in _both_backends(d_kernel, features, kernel))
+  np.testing.assert_allclose(ffi, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("pool", ["max", "avg"])
 def test_pools_and_gradients_are_identical(dtype, pool):

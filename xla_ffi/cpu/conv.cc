@@ -7,7 +7,7 @@
 //   threads write the same row and results do not depend on the thread count.
 // jsparse_conv_weight_grad: d_kernel[k] = sum_o features[nbr[o, k]]^T d_out[o] (per group). Each
 //   task sums the pairs of a fixed range of output rows into its own float32 partials, which are
-//   then added in range order, again independent of scheduling.
+//   then added in a fixed tree over the ranges, again independent of scheduling.
 // Neither materializes [N, K, C]: a task gathers kGemmRows rows at a time.
 #include <algorithm>
 #include <atomic>
@@ -85,6 +85,45 @@ std::vector<float> PackKernel(const T* kernel, const ConvDims& d, int64_t b_pad)
   return packed;
 }
 
+// The pairs of nbr rows [0, rows) (nbr points at the first row), grouped by tap: for tap k,
+// entries tap_start[k] .. tap_start[k + 1] - 1 of `rows` and `inputs` hold the row (relative to
+// the first) and the input row it reads, in row order. Tap k reads nbr column tap_column(k), an
+// involution (the identity, or K - 1 - k for a transposed odd submanifold map).
+struct PairsByTap {
+  std::vector<int64_t> tap_start;
+  std::unique_ptr<int32_t[]> rows, inputs;
+};
+
+template <typename TapColumn>
+PairsByTap GroupPairsByTap(const int32_t* nbr, int64_t rows, int64_t taps, int64_t n_in, TapColumn tap_column) {
+  // Sparse maps leave most nbr cells empty: one branch-free row-major pass collects the valid
+  // cells (reading nbr column by column would touch every cache line once per tap), then a
+  // counting sort orders those few by tap. Scratch is left uninitialized: it is megabytes per
+  // call, and every entry read is written first.
+  const int64_t cells = rows * taps;
+  std::unique_ptr<int32_t[]> cell_rows(new int32_t[cells + 1]), cell_taps(new int32_t[cells + 1]);
+  int64_t num_valid = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < taps; ++c) {
+      cell_rows[num_valid] = static_cast<int32_t>(r);
+      cell_taps[num_valid] = static_cast<int32_t>(tap_column(c));
+      num_valid += static_cast<uint32_t>(nbr[r * taps + c]) < static_cast<uint64_t>(n_in);  // -1 wraps
+    }
+  }
+  PairsByTap pairs{std::vector<int64_t>(taps + 1, 0), std::unique_ptr<int32_t[]>(new int32_t[num_valid]),
+                   std::unique_ptr<int32_t[]>(new int32_t[num_valid])};
+  for (int64_t v = 0; v < num_valid; ++v) ++pairs.tap_start[cell_taps[v] + 1];
+  for (int64_t k = 0; k < taps; ++k) pairs.tap_start[k + 1] += pairs.tap_start[k];
+  std::vector<int64_t> cursor(pairs.tap_start.begin(), pairs.tap_start.end() - 1);
+  for (int64_t v = 0; v < num_valid; ++v) {
+    const int64_t k = cell_taps[v], r = cell_rows[v];
+    const int64_t slot = cursor[k]++;
+    pairs.rows[slot] = static_cast<int32_t>(r);
+    pairs.inputs[slot] = nbr[r * taps + tap_column(k)];
+  }
+  return pairs;
+}
+
 // ---- jsparse_conv_gather_gemm ----
 
 template <typename T>
@@ -111,49 +150,23 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
     std::vector<float> a(kGemmRows * d.c_in());
     float* spare = acc.data() + rows * ldc;
     float* c_rows[kGemmRows];
-    // The tile's pairs grouped by tap. Sparse maps leave most nbr cells empty, so one branch-free
-    // row-major pass collects the valid cells (reading nbr column by column would touch every
-    // cache line of the tile once per tap), then a counting sort orders those few by tap.
-    const int32_t* tile_nbr = nbr + first * d.taps;
-    std::vector<int32_t> valid_rows(rows * d.taps + 1), valid_taps(rows * d.taps + 1);
-    int64_t num_valid = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < d.taps; ++c) {
-        valid_rows[num_valid] = static_cast<int32_t>(r);
-        valid_taps[num_valid] = static_cast<int32_t>(tap_column(c));
-        const uint32_t i = static_cast<uint32_t>(tile_nbr[r * d.taps + c]);  // -1 wraps past n_in
-        num_valid += i < static_cast<uint64_t>(d.n_in);
-      }
-    }
-    std::vector<int64_t> tap_start(d.taps + 1, 0);
-    for (int64_t v = 0; v < num_valid; ++v) ++tap_start[valid_taps[v] + 1];
-    for (int64_t k = 0; k < d.taps; ++k) tap_start[k + 1] += tap_start[k];
-    std::vector<int64_t> cursor(tap_start.begin(), tap_start.end() - 1);
-    std::vector<int64_t> pair_rows(num_valid);  // tile row of each pair
-    std::vector<const T*> pair_inputs(num_valid);
-    for (int64_t v = 0; v < num_valid; ++v) {
-      const int64_t k = valid_taps[v], r = valid_rows[v];
-      const int64_t slot = cursor[k]++;
-      pair_rows[slot] = r;
-      pair_inputs[slot] = features + int64_t{tile_nbr[r * d.taps + tap_column(k)]} * d.c_in();
-    }
+    const PairsByTap pairs = GroupPairsByTap(nbr + first * d.taps, rows, d.taps, d.n_in, tap_column);
     for (int64_t k = 0; k < d.taps; ++k) {
-      const int64_t count = tap_start[k + 1] - tap_start[k];
-      const int64_t* valid = pair_rows.data() + tap_start[k];  // tile rows with an input at tap k
-      const T* const* inputs = pair_inputs.data() + tap_start[k];
+      const int64_t count = pairs.tap_start[k + 1] - pairs.tap_start[k];
+      const int32_t* valid = pairs.rows.get() + pairs.tap_start[k];  // tile rows with an input at tap k
+      const int32_t* inputs = pairs.inputs.get() + pairs.tap_start[k];
       // Gathered rows are scattered over the features: prefetch a few blocks ahead so that their
       // cache misses overlap with the multiplications.
       constexpr int64_t kPrefetchAhead = 2 * kGemmRows;
-      for (int64_t e = 0; e < std::min(count, kPrefetchAhead); ++e) __builtin_prefetch(inputs[e]);
+      auto input_row = [&](int64_t e) { return features + int64_t{inputs[e]} * d.c_in(); };
+      for (int64_t e = 0; e < std::min(count, kPrefetchAhead); ++e) __builtin_prefetch(input_row(e));
       for (int64_t begin = 0; begin < count; begin += kGemmRows) {
         const int filled = static_cast<int>(std::min<int64_t>(kGemmRows, count - begin));
         for (int64_t e = begin + kPrefetchAhead; e < std::min(count, begin + kPrefetchAhead + kGemmRows); ++e) {
-          __builtin_prefetch(inputs[e]);
+          __builtin_prefetch(input_row(e));
         }
         for (int r = 0; r < filled; ++r) {
-          const T* x = inputs[begin + r];
-          float* dst = a.data() + r * d.c_in();
-          ToFloatRow(x, d.c_in(), dst);
+          ToFloatRow(input_row(begin + r), d.c_in(), a.data() + r * d.c_in());
           c_rows[r] = acc.data() + valid[begin + r] * ldc;
         }
         for (int r = filled; r < kGemmRows; ++r) {
@@ -209,10 +222,7 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
   const int64_t a_pad = RoundUp(d.a, kGemmRows);
   const int64_t ldc = d.groups * b_pad;
   // Output rows are cut into at most 16 ranges (a function of N only, never of the thread
-  // count); each range's task sums its pairs per tap into its own float32 partial, and the
-  // partials are added in range order. (The sums run after the phase, not as tasks waiting for
-  // the range tasks: XLA may run this call beside the input gradient's on the same pool, and a
-  // waiting task would hold a worker.)
+  // count); each range's task sums its pairs per tap into its own float32 partials.
   const int64_t range = std::max<int64_t>(4096, (d.n_out + 15) / 16);
   const int64_t num_ranges = (d.n_out + range - 1) / range;
   const int64_t partial_size = a_pad * ldc;
@@ -222,44 +232,46 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
   // map are used, and clearing them all up front would be a serial pass over megabytes).
   std::shared_ptr<float[]> partials(new float[num_ranges * d.taps * partial_size]);
   auto used = std::make_shared<std::vector<char>>(num_ranges * d.taps, 0);
-  // d_kernel[k]: tap k's partials summed in range order.
-  auto reduce_tap = [=](int64_t k) {
-    std::vector<float> sum(partial_size, 0.0f);
-    for (int64_t t = 0; t < num_ranges; ++t) {
-      if (!(*used)[t * d.taps + k]) continue;
-      const float* partial = partials.get() + (t * d.taps + k) * partial_size;
-      for (int64_t e = 0; e < partial_size; ++e) sum[e] += partial[e];
-    }
-    for (int64_t c = 0; c < d.a; ++c) {
-      T* dst = d_kernel + (k * d.a + c) * d.c_out();
-      for (int64_t g = 0; g < d.groups; ++g) {
-        for (int64_t j = 0; j < d.b; ++j) dst[g * d.b + j] = FromFloat<T>(sum[c * ldc + g * b_pad + j]);
+  // The partials are summed in a fixed binary tree over the ranges: node j of level L covers
+  // ranges [j << L, (j + 1) << L) and keeps its sum in the partials of range j << L, so the order
+  // of the additions never depends on scheduling. A node is summed by the task that finishes the
+  // second of its two children: no task waits, and the sums of different nodes run in parallel.
+  // (Waiting for other tasks would hold a worker that XLA may need for the input gradient's call,
+  // which it can run beside this one on the same pool.)
+  int64_t levels = 0;
+  while ((int64_t{1} << levels) < num_ranges) ++levels;
+  std::shared_ptr<std::atomic<int>[]> arrivals(new std::atomic<int>[std::max<int64_t>(1, levels * num_ranges)]());
+  // Range `from`'s partials added into range `into`'s, tap by tap.
+  auto add_partials = [=](int64_t into, int64_t from) {
+    for (int64_t k = 0; k < d.taps; ++k) {
+      if (!(*used)[from * d.taps + k]) continue;
+      float* dst = partials.get() + (into * d.taps + k) * partial_size;
+      const float* src = partials.get() + (from * d.taps + k) * partial_size;
+      if ((*used)[into * d.taps + k]) {
+        for (int64_t e = 0; e < partial_size; ++e) dst[e] += src[e];
+      } else {
+        std::copy_n(src, partial_size, dst);
+        (*used)[into * d.taps + k] = 1;
       }
+    }
+  };
+  // Called by each range's task when its partials are complete: sums every node whose second
+  // child this completes, from the leaf up.
+  auto climb = [=](int64_t leaf) {
+    for (int64_t level = 0, node = leaf; level < levels; ++level, node >>= 1) {
+      const int64_t left = node & ~int64_t{1};
+      if (((left + 1) << level) >= num_ranges) continue;  // no right sibling: the sum is the left's
+      // acq_rel: the second child's task sees every write of the first child's subtree.
+      if (arrivals[level * num_ranges + (node >> 1)].fetch_add(1, std::memory_order_acq_rel) == 0) return;
+      add_partials(left << level, (left + 1) << level);
     }
   };
   auto body = [=](int64_t task) {
     const int64_t first = task * range;
     const int64_t last = std::min(d.n_out, first + range);
-    // (output row, input row) pairs of each tap within the range, in output-row order: the
-    // valid cells in one branch-free pass, then a counting sort by tap (as in GatherGemm).
-    std::vector<int32_t> valid_rows((last - first) * d.taps + 1), valid_taps((last - first) * d.taps + 1);
-    int64_t num_valid = 0;
-    for (int64_t o = first; o < last; ++o) {
-      for (int64_t k = 0; k < d.taps; ++k) {
-        valid_rows[num_valid] = static_cast<int32_t>(o);
-        valid_taps[num_valid] = static_cast<int32_t>(k);
-        num_valid += static_cast<uint32_t>(nbr[o * d.taps + k]) < static_cast<uint64_t>(d.n_in);  // -1 wraps
-      }
-    }
-    std::vector<int64_t> tap_start(d.taps + 1, 0);
-    for (int64_t v = 0; v < num_valid; ++v) ++tap_start[valid_taps[v] + 1];
-    for (int64_t k = 0; k < d.taps; ++k) tap_start[k + 1] += tap_start[k];
-    std::vector<int64_t> cursor(tap_start.begin(), tap_start.end() - 1);
-    std::vector<std::pair<int32_t, int32_t>> sorted_pairs(num_valid);
-    for (int64_t v = 0; v < num_valid; ++v) {
-      const int64_t o = valid_rows[v], k = valid_taps[v];
-      sorted_pairs[cursor[k]++] = {static_cast<int32_t>(o), nbr[o * d.taps + k]};
-    }
+    // (output row, input row) pairs of each tap within the range, in output-row order.
+    const PairsByTap pairs = GroupPairsByTap(nbr + first * d.taps, last - first, d.taps, d.n_in,
+                                             [](int64_t k) { return k; });
     constexpr int64_t kChunk = 256;  // pairs gathered at a time
     std::vector<const float*> x_rows(kChunk), y_rows(kChunk);
     std::vector<float> x(kChunk * d.c_in());
@@ -267,8 +279,9 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
     std::vector<float> tail(kGemmRows * kChunk);  // the last channel block, zero-padded
     float* c_rows[kGemmRows];
     for (int64_t k = 0; k < d.taps; ++k) {
-      const std::pair<int32_t, int32_t>* pairs = sorted_pairs.data() + tap_start[k];
-      const int64_t count = tap_start[k + 1] - tap_start[k];
+      const int64_t count = pairs.tap_start[k + 1] - pairs.tap_start[k];
+      const int32_t* outputs = pairs.rows.get() + pairs.tap_start[k];  // relative to `first`
+      const int32_t* inputs = pairs.inputs.get() + pairs.tap_start[k];
       if (count == 0) continue;
       (*used)[task * d.taps + k] = 1;
       float* partial = partials.get() + (task * d.taps + k) * partial_size;
@@ -278,7 +291,7 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
           const int64_t len = std::min<int64_t>(kChunk, count - begin);
           for (int64_t g = 0; g < d.groups; ++g) {
             for (int64_t p = 0; p < len; ++p) {
-              const auto [o, i] = pairs[begin + p];
+              const int64_t o = first + outputs[begin + p], i = inputs[begin + p];
               x_rows[p] = reinterpret_cast<const float*>(features) + i * d.c_in() + g * d.a;
               y_rows[p] = reinterpret_cast<const float*>(d_out) + o * d.c_out() + g * d.b;
             }
@@ -294,11 +307,10 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
         const int64_t len = std::min<int64_t>(kChunk, count - begin);
         for (int64_t p = 0; p < len; ++p) {
           if (begin + p + 16 < count) {  // the gathered rows are scattered: prefetch ahead
-            const auto [o_next, i_next] = pairs[begin + p + 16];
-            __builtin_prefetch(features + i_next * d.c_in());
-            __builtin_prefetch(d_out + o_next * d.c_out());
+            __builtin_prefetch(features + int64_t{inputs[begin + p + 16]} * d.c_in());
+            __builtin_prefetch(d_out + (first + outputs[begin + p + 16]) * d.c_out());
           }
-          const auto [o, i] = pairs[begin + p];
+          const int64_t o = first + outputs[begin + p], i = inputs[begin + p];
           const T* xs = features + i * d.c_in();
           ToFloatRow(xs, d.c_in(), x.data() + p * d.c_in());
           const T* ys = d_out + o * d.c_out();
@@ -324,9 +336,19 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
         }
       }
     }
+    climb(task);
   };
-  auto finish = [=]() {
-    for (int64_t k = 0; k < d.taps; ++k) reduce_tap(k);
+  auto finish = [=]() {  // d_kernel[k]: the root's partial of tap k (range 0's), or 0
+    for (int64_t k = 0; k < d.taps; ++k) {
+      const bool any = num_ranges > 0 && (*used)[k];
+      const float* sum = partials.get() + k * partial_size;
+      for (int64_t c = 0; c < d.a; ++c) {
+        T* dst = d_kernel + (k * d.a + c) * d.c_out();
+        for (int64_t g = 0; g < d.groups; ++g) {
+          for (int64_t j = 0; j < d.b; ++j) dst[g * d.b + j] = FromFloat<T>(any ? sum[c * ldc + g * b_pad + j] : 0.0f);
+        }
+      }
+    }
   };
   return ParallelFor(pool, num_ranges, body, finish);
 }
