@@ -8,6 +8,11 @@ setting) and spconv time / FFI time. Times are the best of ``--repeats`` calls a
 warm-up (the slow reference path gets one timed call); the FFI kernel and spconv take turns call
 by call, so a slow spell of the machine hits both. Peak memory (max RSS) is printed last.
 
+The submanifold conv rows reuse a prebuilt map: the forward; the forward + backward of the layer
+(its output and the VJP of a cotangent handed down, as inside a network); and the gradient of the
+loss sum(y^2), which adds the loss's own elementwise pass over the output. Both backward rows
+give their time as a multiple of the forward's (the calls take turns).
+
   python benchmarks/bench_conv.py [--voxel 0.1 0.05] [--batch 1 4] [--channels 16 32 64 128]
 """
 
@@ -74,7 +79,7 @@ def load_batch(voxel: float, batch: int) -> jsparse.SparseConvTensor:
 
 class Table:
   COLUMNS = (
-    ("case", 44), ("sites", 8), ("pairs", 9), ("FFI ms", 9), ("ref ms", 10), ("ref/FFI", 8),
+    ("case", 50), ("sites", 8), ("pairs", 9), ("FFI ms", 9), ("ref ms", 10), ("ref/FFI", 8),
     ("GFLOP/s", 8), ("of dense", 9), ("spconv ms", 10), ("spconv/FFI", 11),
   )  # fmt: skip
 
@@ -187,8 +192,17 @@ def main() -> None:
       for c in args.channels:
         features = jnp.asarray(rng.standard_normal((x.capacity, c)), jnp.float32)
         kernel = jnp.asarray(rng.standard_normal((3, 3, 3, c, c)) / c, jnp.float32)
+        cotangent = jnp.asarray(rng.standard_normal((x.capacity, c)), jnp.float32)
         forward = lambda f, k, p: ops.sparse_conv(f, k, p)  # noqa: E731
-        both = jax.grad(lambda f, k, p: jnp.sum(ops.sparse_conv(f, k, p) ** 2), argnums=(0, 1))
+
+        # A layer's forward and backward: its output and the VJP of a cotangent handed down from
+        # the layers above (as in a network), without a loss's own elementwise passes.
+        def both(f, k, p, dy=cotangent):
+          out, vjp = jax.vjp(lambda f, k: ops.sparse_conv(f, k, p), f, k)
+          return out, vjp(dy)
+
+        # A whole training step of the loss sum(y^2): also the loss's 2y pass over the output.
+        loss_grad = jax.grad(lambda f, k, p: jnp.sum(ops.sparse_conv(f, k, p) ** 2), argnums=(0, 1))
         flops = 2 * active_pairs * c * c
         dense = dense_matmul_gflops(sites, c, args.repeats)
         spconv = any_c if c == args.channels[0] else theirs(c)
@@ -196,15 +210,19 @@ def main() -> None:
         calls = {
           "forward": jitted("ffi", forward, features, kernel, pairs),
           "fwd+bwd": jitted("ffi", both, features, kernel, pairs),
+          "grad of sum(y^2)": jitted("ffi", loss_grad, features, kernel, pairs),
         }
         if "subm_forward" in spconv:
           calls["spconv"] = spconv["subm_forward"]
         times = best_times(calls, args.repeats)
-        for label, fn, work in (("forward", forward, flops), ("fwd+bwd", both, 3 * flops)):
+        for label, fn, work in (
+          ("forward", forward, flops), ("fwd+bwd", both, 3 * flops), ("grad of sum(y^2)", loss_grad, 3 * flops)
+        ):
           ref = best_times({"ref": jitted("reference", fn, features, kernel, pairs)}, 1)["ref"]
           theirs_time = times.get("spconv") if label == "forward" else None  # spconv's CPU build: no backward
+          relative = "" if label == "forward" else f", {times[label] / times['forward']:.2f}x fwd"
           table.add(
-            f"{name}: subm C={c} {label} (map reused)", sites, active_pairs, times[label], ref, work, dense,
+            f"{name}: subm C={c} {label}{relative}", sites, active_pairs, times[label], ref, work, dense,
             theirs_time,
           )  # fmt: skip
         if c == 64 or c == args.channels[-1] and 64 not in args.channels:
