@@ -143,12 +143,19 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
   const int64_t tile = std::max<int64_t>(kGemmRows, std::min(by_size, by_threads));
   const int64_t num_tiles = (d.n_out + tile - 1) / tile;
   auto packed = std::make_shared<std::vector<float>>(PackKernel(kernel, d, b_pad));
+  // float32 rows are read where they are, and summed in the output's own rows when those need
+  // no column padding; other dtypes go through float32 copies of both.
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  const bool sum_in_out = kFloat && ldc == d.c_out();
   auto body = [=](int64_t task) {
     const int64_t first = task * tile;
     const int64_t rows = std::min(tile, d.n_out - first);
-    std::vector<float> acc((rows + 1) * ldc, 0.0f);  // the extra row absorbs padding rows
-    std::vector<float> a(kGemmRows * d.c_in());
-    float* spare = acc.data() + rows * ldc;
+    std::vector<float> tile_sums(sum_in_out ? 0 : rows * ldc, 0.0f);
+    float* sums = sum_in_out ? reinterpret_cast<float*>(out) + first * ldc : tile_sums.data();
+    if (sum_in_out) std::fill_n(sums, rows * ldc, 0.0f);
+    std::vector<float> spare(ldc);  // the C row of a block's unused rows
+    std::vector<float> a(kFloat ? d.c_in() : kGemmRows * d.c_in(), 0.0f);  // float32 copies, or one zero row
+    const float* a_rows[kGemmRows];
     float* c_rows[kGemmRows];
     const PairsByTap pairs = GroupPairsByTap(nbr + first * d.taps, rows, d.taps, d.n_in, tap_column);
     for (int64_t k = 0; k < d.taps; ++k) {
@@ -165,26 +172,37 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
         for (int64_t e = begin + kPrefetchAhead; e < std::min(count, begin + kPrefetchAhead + kGemmRows); ++e) {
           __builtin_prefetch(input_row(e));
         }
-        for (int r = 0; r < filled; ++r) {
-          ToFloatRow(input_row(begin + r), d.c_in(), a.data() + r * d.c_in());
-          c_rows[r] = acc.data() + valid[begin + r] * ldc;
-        }
-        for (int r = filled; r < kGemmRows; ++r) {
-          std::fill_n(a.data() + r * d.c_in(), d.c_in(), 0.0f);
-          c_rows[r] = spare;
+        for (int r = 0; r < kGemmRows; ++r) {
+          if (r < filled) {
+            if constexpr (kFloat) {
+              a_rows[r] = input_row(begin + r);
+            } else {
+              ToFloatRow(input_row(begin + r), d.c_in(), a.data() + r * d.c_in());
+            }
+            c_rows[r] = sums + valid[begin + r] * ldc;
+          } else {
+            if constexpr (kFloat) {
+              a_rows[r] = a.data();
+            } else {
+              std::fill_n(a.data() + r * d.c_in(), d.c_in(), 0.0f);
+            }
+            c_rows[r] = spare.data();
+          }
         }
         for (int64_t g = 0; g < d.groups; ++g) {
           const float* w = packed->data() + (k * d.groups + g) * d.a * b_pad;
-          GemmRows(a.data() + g * d.a, d.c_in(), 1, d.a, w, b_pad, b_pad, c_rows, g * b_pad);
+          if constexpr (kFloat) {
+            GemmRowPointers(a_rows, g * d.a, d.a, w, b_pad, b_pad, c_rows, g * b_pad);
+          } else {
+            GemmRows(a.data() + g * d.a, d.c_in(), 1, d.a, w, b_pad, b_pad, c_rows, g * b_pad);
+          }
         }
       }
     }
+    if (sum_in_out) return;
     for (int64_t r = 0; r < rows; ++r) {
       T* dst = out + (first + r) * d.c_out();
-      for (int64_t g = 0; g < d.groups; ++g) {
-        const float* src = acc.data() + r * ldc + g * b_pad;
-        FromFloatRow(src, d.b, dst + g * d.b);
-      }
+      for (int64_t g = 0; g < d.groups; ++g) FromFloatRow(sums + r * ldc + g * b_pad, d.b, dst + g * d.b);
     }
   };
   return ParallelFor(pool, num_tiles, body);

@@ -87,6 +87,17 @@ void GemmRows(const float* a, int64_t a_row, int64_t a_inner, int64_t inner, con
   }
 }
 
+void GemmRowPointers(const float* const* a_rows, int64_t a_offset, int64_t inner, const float* b, int64_t ldb,
+                     int64_t cols, float* const* c_rows, int64_t c_offset) {
+  switch (kIsa) {
+#ifdef JSPARSE_GEMM_X86
+    case Isa::kAvx512: return avx512::GemmRowPointers(a_rows, a_offset, inner, b, ldb, cols, c_rows, c_offset);
+    case Isa::kAvx2: return avx2::GemmRowPointers(a_rows, a_offset, inner, b, ldb, cols, c_rows, c_offset);
+#endif
+    default: return portable::GemmRowPointers(a_rows, a_offset, inner, b, ldb, cols, c_rows, c_offset);
+  }
+}
+
 void GemmRowsGathered(const float* const* a_rows, int64_t a_offset, const float* const* b_rows, int64_t inner,
                       int64_t cols, float* const* c_rows, int64_t c_offset) {
   switch (kIsa) {

@@ -27,6 +27,12 @@ int64_t GemmLanes();
 void GemmRows(const float* a, int64_t a_row, int64_t a_inner, int64_t inner, const float* b,
               int64_t ldb, int64_t cols, float* const* c_rows, int64_t c_offset);
 
+// GemmRows with A's rows read in place through pointers: c_rows[r][c_offset + j] +=
+// sum_{i < inner} a_rows[r][a_offset + i] * b[i * ldb + j] (gathered float32 feature rows, without
+// copies).
+void GemmRowPointers(const float* const* a_rows, int64_t a_offset, int64_t inner, const float* b, int64_t ldb,
+                     int64_t cols, float* const* c_rows, int64_t c_offset);
+
 // c_rows[r][c_offset + j] += sum_{i < inner} a_rows[i][a_offset + r] * b_rows[i][j] for
 // r < kGemmRows and j < cols (a multiple of GemmLanes()): GemmRows with A's columns and B's rows
 // read in place, through a pointer per inner index (the weight gradient's pairs, without copies).
