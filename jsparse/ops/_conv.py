@@ -115,14 +115,43 @@ def _conv_fwd(features, kernel, nbr, nbr_t, groups, precision):
   return _conv(features, kernel, nbr, nbr_t, groups, precision), (features, kernel, nbr, nbr_t)
 
 
+def _backward_symmetric(features, d_out, kernel_t, nbr, groups, precision, kernel_shape):
+  """``(d_features, d_kernel)`` over an odd submanifold map, whose transpose is ``nbr`` with its
+  taps reversed.
+
+  float32 layers whose channels per group fill the CPU micro-kernel's blocks (C_in multiple of 8,
+  C_out of 16) take one FFI call for both gradients, which shares the pairs and the gathered
+  ``d_out`` rows; everything else (and other platforms) takes the two separate kernels.
+  """
+
+  def separate(x, dy, w_t, rows):
+    d_features = _gather_gemm(dy, w_t, rows, groups, precision, reverse_taps=True)
+    return d_features, _weight_grad(x, dy, rows, groups, precision, kernel_shape)
+
+  a, b = kernel_shape[1], kernel_shape[2] // groups
+  if features.dtype != jnp.float32 or a % 8 or b % 16:
+    return separate(features, d_out, kernel_t, nbr)
+  out = (jax.ShapeDtypeStruct(features.shape, features.dtype), jax.ShapeDtypeStruct(kernel_shape, features.dtype))
+  ffi = jax.ffi.ffi_call("jsparse_conv_backward_symmetric", out, vmap_method="sequential")
+  return _backend.dispatch(
+    "jsparse_conv_backward_symmetric",
+    lambda x, dy, w_t, rows: tuple(ffi(x, dy, w_t, rows, groups=np.int64(groups))),
+    separate,
+    features,
+    d_out,
+    kernel_t,
+    nbr,
+  )
+
+
 def _conv_bwd(groups, precision, residuals, d_out):
   features, kernel, nbr, nbr_t = residuals
   d_kernel_t = _transpose_kernel(kernel, groups)
   if nbr_t is None:  # odd submanifold map: the transpose is nbr with its taps reversed
-    d_features = _gather_gemm(d_out, d_kernel_t, nbr, groups, precision, reverse_taps=True)
+    d_features, d_kernel = _backward_symmetric(features, d_out, d_kernel_t, nbr, groups, precision, kernel.shape)
   else:
     d_features = _gather_gemm(d_out, d_kernel_t, nbr_t, groups, precision)
-  d_kernel = _weight_grad(features, d_out, nbr, groups, precision, kernel.shape)
+    d_kernel = _weight_grad(features, d_out, nbr, groups, precision, kernel.shape)
   return d_features, d_kernel, None, None
 
 

@@ -113,14 +113,15 @@ CONV_TOLERANCE = {jnp.float32: 2e-6, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("kind,groups", [("subm", 1), ("conv", 2), ("transpose", 1), ("subm", 5)])
+@pytest.mark.parametrize("kind,groups", [("subm", 1), ("subm", 2), ("conv", 2), ("transpose", 1), ("subm", 5)])
 def test_conv_and_gradients_match(dtype, kind, groups):
   rng = np.random.default_rng(7)
   shape, batch = (7, 6, 5), 2
   indices = jnp.asarray(random_sites(rng, batch, shape, 120))
   spec = ops.make_spec(kind, shape, (3, 2, 3) if kind != "subm" else 3, 2 if kind != "subm" else 1, 1)
-  # Channels per group that fill whole micro-kernel blocks (8 in, 16 out) take the float32 weight
-  # gradient's in-place path (groups 1 and 2); 5 per group takes the copying one.
+  # Channels per group that fill whole micro-kernel blocks (8 in, 16 out) take, in float32, the
+  # one-pass backward of odd submanifold maps (subm, groups 1 and 2) or the weight gradient's
+  # in-place path (conv); 5 per group and the other dtypes take the separate, copying kernels.
   c_in, c_out = {1: (24, 48), 2: (32, 32), 5: (25, 25)}[groups]
   features = jnp.asarray(rng.standard_normal((indices.shape[0], c_in)), dtype)
   kernel = jnp.asarray(rng.standard_normal((*spec.kernel_size, c_in // groups, c_out)) / c_in, dtype)
@@ -140,9 +141,9 @@ def test_conv_and_gradients_match(dtype, kind, groups):
 
 @pytest.mark.parametrize("c_in,c_out", [(8, 16), (5, 3)])
 def test_weight_gradient_over_many_row_ranges(c_in, c_out):
-  # The FFI weight gradient sums per-range partials (ranges of at least 4096 output rows) in a
-  # tree: 11 ranges here, the last ones all padding rows (no pairs at all), on the in-place
-  # (8, 16) and the copying (5, 3) path.
+  # The FFI kernel gradient sums per-range partials (ranges of at least 4096 rows) in a tree: 11
+  # ranges here, the last ones all padding rows (no pairs at all), in the one-pass submanifold
+  # backward (8, 16) and in the separate weight gradient's copying path (5, 3).
   rng = np.random.default_rng(3)
   shape = (40, 40, 40)
   sites = random_sites(rng, 1, shape, 30000)
