@@ -187,13 +187,14 @@ def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, 
   def int32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
-  # Two calls (each handler has one parallel phase): first-come ids and slots, then the voxels.
+  # Two calls (each handler has one parallel phase): first-come ids and each voxel's stored
+  # points (slot_points, the first `counts` entries of each row), then the voxels.
   assign = jax.ffi.ffi_call(
     _ASSIGN,
-    (int32(max_voxels, ndim), int32(max_voxels), int32(p), int32(p), int32()),
+    (int32(max_voxels, ndim), int32(max_voxels), int32(p), int32(max_voxels, max_points), int32()),
     vmap_method="sequential",
   )
-  coords, counts, ids, slots, num_voxels = assign(
+  coords, counts, ids, slot_points, num_voxels = assign(
     points,
     num_points,
     voxel_size=np.asarray(vsize, np.float32),
@@ -207,7 +208,7 @@ def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, 
     input_output_aliases={3: 1, 4: 2},
     vmap_method="sequential",
   )
-  voxels, coords, counts = store(points, slots, num_voxels, coords, counts, empty_mean=np.int64(empty_mean))
+  voxels, coords, counts = store(points, slot_points, num_voxels, coords, counts, empty_mean=np.int64(empty_mean))
   return Voxels(voxels, coords, counts, ids, num_voxels)
 
 

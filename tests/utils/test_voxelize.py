@@ -279,7 +279,7 @@ def test_ffi_rejects_bad_attributes():
   _ffi.targets("cpu")
   int32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
   assign = jax.ffi.ffi_call(
-    "jsparse_voxelize_assign", (int32(4, 3), int32(4), int32(5), int32(5), int32()), vmap_method="sequential"
+    "jsparse_voxelize_assign", (int32(4, 3), int32(4), int32(5), int32(4, 2), int32()), vmap_method="sequential"
   )
   good = dict(
     range_min=np.zeros(3, np.float32),
@@ -302,10 +302,10 @@ def test_ffi_rejects_bad_attributes():
     input_output_aliases={3: 1, 4: 2},
     vmap_method="sequential",
   )
-  points, slots = jnp.zeros((5, 3), jnp.float32), jnp.zeros(4, jnp.int32)  # slots of the wrong length
+  points, slot_points = jnp.zeros((5, 3), jnp.float32), jnp.zeros(4, jnp.int32)  # not [V, M]
   coords, counts = jnp.zeros((4, 3), jnp.int32), jnp.zeros(4, jnp.int32)
   with pytest.raises(Exception, match="jsparse_voxelize_store: expects"):
-    jax.block_until_ready(store(points, slots, jnp.int32(0), coords, counts, empty_mean=np.int64(0)))
+    jax.block_until_ready(store(points, slot_points, jnp.int32(0), coords, counts, empty_mean=np.int64(0)))
 
 
 # ---- jsparse.utils ------------------------------------------------------------------------------

@@ -4,12 +4,12 @@
 // 1. jsparse_voxelize_assign: first-come voxel ids. Ids follow the order in which points open
 //    voxels, an inherently sequential rule, so one task (the inserter) walks the points in order
 //    through an open-addressing table of packed cell keys, while the other tasks compute the cell
-//    keys of later chunks of points ahead of it. It writes every point's id and voxel slot, and
-//    every voxel's cell and count.
-// 2. jsparse_voxelize_store: tasks over chunks of points copy each stored point into its slot,
-//    while tasks over ranges of voxel rows zero the empty slots and turn the rows past the
-//    opened voxels into padding (zeros, coords -1, count 0): every element is written once, by
-//    one task. With empty_mean, the empty slots get the voxel's mean after all tasks.
+//    keys of later chunks of points ahead of it. It writes every point's id, every voxel's cell
+//    and count, and the points each voxel stores (slot_points [V, M]: the first count entries).
+// 2. jsparse_voxelize_store: tasks over ranges of voxel rows write their rows front to back:
+//    zeros, the stored points copied in while those lines are in cache, and padding past the
+//    opened voxels (coords -1, count 0). With empty_mean, the empty slots get the voxel's mean
+//    after all tasks.
 // No output depends on which thread ran what, so outputs are bitwise identical for any thread
 // count. Points with a non-finite or out-of-range cell, and rows at or past num_points, get id -1;
 // points that would open a voxel past max_num_voxels get id -1 but are counted in num_voxels.
@@ -41,7 +41,6 @@ constexpr uint64_t kEmptyKey = ~0ull;  // cell keys stay below 2**62
 constexpr int64_t kCellChunk = 1024;   // points per chunk of cell keys handed to the inserter
 constexpr int64_t kPrefetchAhead = 16;  // table slots prefetched ahead of the inserter
 constexpr int64_t kRowChunkFloats = int64_t{1} << 16;  // voxel floats per row task (256 KiB)
-constexpr int64_t kPointChunk = 8192;                 // points per copying task
 
 // The static geometry, in the handler's axis order (xyz, as the attributes give it).
 struct VoxelGeometry {
@@ -157,7 +156,7 @@ void ComputeCellKeys(const VoxelGeometry& g, const float* points, int64_t featur
 
 // Outputs of the assign handler.
 struct AssignOutputs {
-  int32_t *ids, *slots, *coords, *counts;
+  int32_t *ids, *slot_points, *coords, *counts;
 };
 
 // The inserter: walks the points in order, claiming or awaiting each chunk of cell keys, and
@@ -210,8 +209,9 @@ int64_t InsertPoints(const VoxelGeometry& g, const float* points, int64_t featur
       }
       out.ids[i] = voxel;
       // A voxel stores its first max_points points; later ones keep its id only.
-      const bool stored = voxel >= 0 && out.counts[voxel] < max_points;
-      out.slots[i] = stored ? static_cast<int32_t>(voxel * max_points + out.counts[voxel]++) : -1;
+      if (voxel >= 0 && out.counts[voxel] < max_points) {
+        out.slot_points[int64_t{voxel} * max_points + out.counts[voxel]++] = static_cast<int32_t>(i);
+      }
     }
   }
   return opened;
@@ -288,7 +288,7 @@ ffi::Future VoxelizeAssign(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::Any
                            ffi::Span<const float> vsize, ffi::Span<const float> low,
                            ffi::Span<const int64_t> grid, int64_t max_points,
                            ffi::Result<ffi::AnyBuffer> coords_out, ffi::Result<ffi::AnyBuffer> counts_out,
-                           ffi::Result<ffi::AnyBuffer> ids_out, ffi::Result<ffi::AnyBuffer> slots_out,
+                           ffi::Result<ffi::AnyBuffer> ids_out, ffi::Result<ffi::AnyBuffer> slot_points_out,
                            ffi::Result<ffi::AnyBuffer> num_voxels_out) {
   const std::string op = "jsparse_voxelize_assign: ";
   auto g = std::make_shared<VoxelGeometry>();
@@ -312,12 +312,13 @@ ffi::Future VoxelizeAssign(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::Any
   if (message.empty()) {
     const auto nd = counts_out->dimensions();
     const auto id = ids_out->dimensions();
-    const auto sd = slots_out->dimensions();
+    const auto sd = slot_points_out->dimensions();
     if (counts_out->element_type() != ffi::S32 || nd.size() != 1 || nd[0] != cd[0] ||
         ids_out->element_type() != ffi::S32 || id.size() != 1 || id[0] != pd[0] ||
-        slots_out->element_type() != ffi::S32 || sd.size() != 1 || sd[0] != pd[0] ||
+        slot_points_out->element_type() != ffi::S32 || sd.size() != 2 || sd[0] != cd[0] || sd[1] != max_points ||
         num_voxels_out->element_type() != ffi::S32 || num_voxels_out->dimensions().size() != 0) {
-      message = op + "outputs must be int32 coords [V, ndim], counts [V], pc_voxel_id [P], slots [P], num_voxels []";
+      message = op + "outputs must be int32 coords [V, ndim], counts [V], pc_voxel_id [P], slot_points [V, M], "
+                "num_voxels []";
     }
   }
   if (!message.empty()) return InvalidArgumentFuture(message);
@@ -327,11 +328,10 @@ ffi::Future VoxelizeAssign(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::Any
   const int64_t max_voxels = cd[0];
   const int64_t active = std::clamp<int64_t>(*num_points.typed_data<int32_t>(), 0, num_rows);
   const float* pts = points.typed_data<float>();
-  const AssignOutputs out{ids_out->typed_data<int32_t>(), slots_out->typed_data<int32_t>(),
+  const AssignOutputs out{ids_out->typed_data<int32_t>(), slot_points_out->typed_data<int32_t>(),
                           coords_out->typed_data<int32_t>(), counts_out->typed_data<int32_t>()};
   int32_t* num_voxels = num_voxels_out->typed_data<int32_t>();
   std::fill(out.ids + active, out.ids + num_rows, -1);  // rows past num_points are padding
-  std::fill(out.slots + active, out.slots + num_rows, -1);
   // The table holds at most min(points, cells) distinct keys.
   const int64_t table_slots = TableSlots(static_cast<int64_t>(std::min<uint64_t>(active, g->cells)));
   const uint64_t mask = static_cast<uint64_t>(table_slots) - 1;
@@ -369,29 +369,45 @@ void FillEmptyWithMean(const int32_t* counts, int64_t used, int64_t max_points, 
   }
 }
 
-ffi::Future VoxelizeStore(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer slots,
+// Copies the points stored by voxel rows [begin, end) into their slots: kFeatures floats per
+// point, or `features` when kFeatures is 0 (the common widths get unrolled copies).
+template <int kFeatures>
+void CopyStoredPoints(const float* points, int64_t features, const int32_t* slot_points, const int32_t* counts,
+                      int64_t max_points, int64_t begin, int64_t end, float* voxels) {
+  const int64_t f = kFeatures > 0 ? kFeatures : features;
+  for (int64_t v = begin; v < end; ++v) {
+    float* row = voxels + v * max_points * f;
+    const int32_t* stored = slot_points + v * max_points;
+    for (int64_t j = 0; j < counts[v]; ++j) {
+      const float* point = points + int64_t{stored[j]} * f;
+      for (int64_t k = 0; k < f; ++k) row[j * f + k] = point[k];
+    }
+  }
+}
+
+ffi::Future VoxelizeStore(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer slot_points,
                           ffi::AnyBuffer num_voxels, ffi::AnyBuffer coords_in, ffi::AnyBuffer counts_in,
                           int64_t empty_mean, ffi::Result<ffi::AnyBuffer> voxels_out,
                           ffi::Result<ffi::AnyBuffer> coords_out, ffi::Result<ffi::AnyBuffer> counts_out) {
   const std::string op = "jsparse_voxelize_store: ";
   const auto pd = points.dimensions();
-  const auto sd = slots.dimensions();
+  const auto sd = slot_points.dimensions();
   const auto vd = voxels_out->dimensions();
   const auto cd = coords_out->dimensions();
-  if (points.element_type() != ffi::F32 || pd.size() != 2 || slots.element_type() != ffi::S32 ||
-      sd.size() != 1 || sd[0] != pd[0] || voxels_out->element_type() != ffi::F32 || vd.size() != 3 ||
-      vd[2] != pd[1] || vd[0] > INT32_MAX / std::max<int64_t>(1, vd[1]) || num_voxels.element_type() != ffi::S32 ||
-      num_voxels.dimensions().size() != 0 || coords_out->element_type() != ffi::S32 || cd.size() != 2 ||
-      cd[0] != vd[0] || counts_out->element_type() != ffi::S32 || counts_out->dimensions().size() != 1 ||
+  if (points.element_type() != ffi::F32 || pd.size() != 2 || voxels_out->element_type() != ffi::F32 ||
+      vd.size() != 3 || vd[2] != pd[1] || vd[0] > INT32_MAX / std::max<int64_t>(1, vd[1]) ||
+      slot_points.element_type() != ffi::S32 || sd.size() != 2 || sd[0] != vd[0] || sd[1] != vd[1] ||
+      num_voxels.element_type() != ffi::S32 || num_voxels.dimensions().size() != 0 ||
+      coords_out->element_type() != ffi::S32 || cd.size() != 2 || cd[0] != vd[0] ||
+      counts_out->element_type() != ffi::S32 || counts_out->dimensions().size() != 1 ||
       counts_out->dimensions()[0] != vd[0] || coords_in.untyped_data() != coords_out->untyped_data() ||
       counts_in.untyped_data() != counts_out->untyped_data()) {
     return InvalidArgumentFuture(
-        op + "expects float32 points [P, F] and the int32 slots [P] and num_voxels [] of " +
+        op + "expects float32 points [P, F] and the int32 slot_points [V, M] and num_voxels [] of " +
         "jsparse_voxelize_assign, and returns float32 voxels [V, M, F] with its int32 coords [V, ndim] " +
-        "and counts [V] updated in place (aliased); got points " + Shape(pd) + ", slots " + Shape(sd) +
+        "and counts [V] updated in place (aliased); got points " + Shape(pd) + ", slot_points " + Shape(sd) +
         ", voxels " + Shape(vd));
   }
-  const int64_t num_rows = pd[0];
   const int64_t features = pd[1];
   const int64_t max_voxels = vd[0];
   const int64_t max_points = vd[1];
@@ -401,37 +417,33 @@ ffi::Future VoxelizeStore(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyB
   const bool mean = empty_mean != 0;
   const int64_t rows_per_task = std::max<int64_t>(1, kRowChunkFloats / std::max<int64_t>(1, row_size));
   const int64_t row_tasks = (max_voxels + rows_per_task - 1) / rows_per_task;
-  const int64_t point_tasks = (num_rows + kPointChunk - 1) / kPointChunk;
   const float* pts = points.typed_data<float>();
-  const int32_t* slot = slots.typed_data<int32_t>();
+  const int32_t* stored = slot_points.typed_data<int32_t>();
   float* voxels = voxels_out->typed_data<float>();
   int32_t* coords = coords_out->typed_data<int32_t>();
   int32_t* counts = counts_out->typed_data<int32_t>();
   return ParallelFor(
-      pool, point_tasks + row_tasks,
+      pool, row_tasks,
       [=](int64_t task) {
-        if (task < point_tasks) {  // copy the stored points of a chunk into their slots
-          const int64_t end = std::min(num_rows, (task + 1) * kPointChunk);
-          for (int64_t i = task * kPointChunk; i < end; ++i) {
-            if (slot[i] >= 0) std::copy_n(pts + i * features, features, voxels + int64_t{slot[i]} * features);
-          }
-          return;
-        }
-        // Rows [begin, end): zero the empty slots of voxels (unless the mean goes there), and
-        // turn rows past the opened voxels into padding.
-        const int64_t begin = (task - point_tasks) * rows_per_task;
+        // Rows [begin, end), front to back: zeros in one pass (with empty_mean only past the opened
+        // voxels: the mean fills their empty slots), then the stored points, into lines still in
+        // cache, then padding coords and counts past the opened voxels.
+        const int64_t begin = task * rows_per_task;
         const int64_t end = std::min(max_voxels, begin + rows_per_task);
-        if (!mean) {
-          for (int64_t v = begin; v < std::min(end, used); ++v) {
-            std::fill(voxels + v * row_size + counts[v] * features, voxels + (v + 1) * row_size, 0.0f);
-          }
+        const int64_t opened_end = std::clamp(used, begin, end);
+        std::fill(voxels + (mean ? opened_end : begin) * row_size, voxels + end * row_size, 0.0f);
+        switch (features) {
+          case 4:
+            CopyStoredPoints<4>(pts, features, stored, counts, max_points, begin, opened_end, voxels);
+            break;
+          case 5:
+            CopyStoredPoints<5>(pts, features, stored, counts, max_points, begin, opened_end, voxels);
+            break;
+          default:
+            CopyStoredPoints<0>(pts, features, stored, counts, max_points, begin, opened_end, voxels);
         }
-        const int64_t first_padding = std::max(begin, used);
-        if (first_padding < end) {
-          std::fill(voxels + first_padding * row_size, voxels + end * row_size, 0.0f);
-          std::fill(coords + first_padding * ndim, coords + end * ndim, -1);
-          std::fill(counts + first_padding, counts + end, 0);
-        }
+        std::fill(coords + opened_end * ndim, coords + end * ndim, -1);
+        std::fill(counts + opened_end, counts + end, 0);
       },
       [=]() {
         if (mean) FillEmptyWithMean(counts, used, max_points, features, voxels);
@@ -454,15 +466,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::AnyBuffer>()                       // coords [V, ndim] int32, zyx; rows >= num_voxels unset
         .Ret<ffi::AnyBuffer>()                       // num_points_per_voxel [V] int32; rows >= num_voxels unset
         .Ret<ffi::AnyBuffer>()                       // pc_voxel_id [P] int32, -1 when not voxelized
-        .Ret<ffi::AnyBuffer>()                       // slots [P] int32: voxel * M + slot, -1 when not stored
+        .Ret<ffi::AnyBuffer>()                       // slot_points [V, M] int32: a voxel's stored points, in order
         .Ret<ffi::AnyBuffer>());                     // num_voxels [] int32, may exceed V
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseVoxelizeStoreCpu, jsparse::VoxelizeStore,
     ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()       // the XLA intra-op pool (over points and voxel rows)
+        .Ctx<ffi::ThreadPool>()       // the XLA intra-op pool (over ranges of voxel rows)
         .Arg<ffi::AnyBuffer>()        // points [P, F] float32
-        .Arg<ffi::AnyBuffer>()        // slots [P] int32 (from jsparse_voxelize_assign)
+        .Arg<ffi::AnyBuffer>()        // slot_points [V, M] int32 (from jsparse_voxelize_assign)
         .Arg<ffi::AnyBuffer>()        // num_voxels [] int32
         .Arg<ffi::AnyBuffer>()        // coords [V, ndim] int32, aliased to the coords result
         .Arg<ffi::AnyBuffer>()        // num_points_per_voxel [V] int32, aliased to the counts result
