@@ -252,6 +252,20 @@ def test_handlers_reject_bad_arguments():
   with pytest.raises(Exception, match=r"must be float32"):
     avg_grad(features.astype(jnp.bfloat16), nbr)
 
+  def backward(x, dy, kernel_t, rows, dtype=jnp.float32):  # d_kernel shaped [9, C_in, C_out]
+    out = (jax.ShapeDtypeStruct(x.shape, dtype), jax.ShapeDtypeStruct((9, x.shape[1], dy.shape[1]), dtype))
+    fn = jax.ffi.ffi_call("jsparse_conv_backward_symmetric", out, vmap_method="sequential")
+    return jax.block_until_ready(fn(x, dy, kernel_t, rows, groups=np.int64(1)))
+
+  x, dy, kernel_t = jnp.ones((4, 8)), jnp.ones((4, 16)), jnp.ones((9, 16, 8))
+  backward(x, dy, kernel_t, nbr)  # well formed
+  with pytest.raises(Exception, match="float32 only"):
+    backward(x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16), kernel_t.astype(jnp.bfloat16), nbr, jnp.bfloat16)
+  with pytest.raises(Exception, match="expects a submanifold map"):
+    backward(x, dy[:3], kernel_t, nbr[:3])
+  with pytest.raises(Exception, match="C_in // groups divisible by 8"):
+    backward(x[:, :6], dy, kernel_t[:, :, :6], nbr)
+
 
 ISA_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np, jsparse
@@ -261,14 +275,15 @@ flat = rng.choice(2 * 9**3, 300, replace=False)
 idx = jnp.asarray(np.stack(np.unravel_index(flat, (2, 9, 9, 9)), 1), jnp.int32)
 pairs = ops.build_map(idx, ops.make_spec("subm", (9, 9, 9), 3), 2)
 f = jnp.asarray(rng.standard_normal((300, 24)), jnp.float32)
-k = jnp.asarray(rng.standard_normal((3, 3, 3, 24, 40)) / 24, jnp.float32)
-out = {}
-for name in ("ffi", "reference"):
-  with jsparse.backend(name):
-    run = jax.jit(lambda f, k: jax.value_and_grad(lambda f, k: jnp.sum(jnp.sin(ops.sparse_conv(f, k, pairs))),
-                                                  argnums=(0, 1))(f, k))
-    value, grads = run(f, k)
-    out[name] = [np.asarray(a) for a in (value, *grads)]
+out = {"ffi": [], "reference": []}
+for c_out in (40, 48):  # 48: the one-pass submanifold backward; 40: the separate kernels, padded columns
+  k = jnp.asarray(rng.standard_normal((3, 3, 3, 24, c_out)) / 24, jnp.float32)
+  for name in ("ffi", "reference"):
+    with jsparse.backend(name):
+      run = jax.jit(lambda f, k: jax.value_and_grad(lambda f, k: jnp.sum(jnp.sin(ops.sparse_conv(f, k, pairs))),
+                                                    argnums=(0, 1))(f, k))
+      value, grads = run(f, k)
+      out[name] += [np.asarray(a) for a in (value, *grads)]
 for a, b in zip(out["ffi"], out["reference"]):
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 print(jsparse.build_info()["cpu_isa"])
