@@ -34,7 +34,7 @@ namespace ffi = xla::ffi;
 namespace jsparse {
 namespace {
 
-// The channel layout shared by both handlers: C_in = groups * a, C_out = groups * b.
+// The channel layout shared by the handlers: C_in = groups * a, C_out = groups * b.
 struct ConvDims {
   int64_t n_in, n_out, taps, groups, a, b;
   int64_t c_in() const { return groups * a; }
@@ -409,10 +409,11 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
     // (output row, input row) pairs of each tap within the range, in output-row order.
     const PairsByTap pairs = GroupPairsByTap(nbr + first * d.taps, last - first, d.taps, d.n_in,
                                              [](int64_t k) { return k; });
+    // The copying path's float32 rows (empty when the rows are read in place).
     constexpr int64_t kChunk = 256;  // pairs gathered at a time
-    std::vector<float> x(kChunk * d.c_in());
-    std::vector<float> dy(kChunk * ldc, 0.0f);
-    std::vector<float> tail(kGemmRows * kChunk);  // the last channel block, zero-padded
+    std::vector<float> x(in_place ? 0 : kChunk * d.c_in());
+    std::vector<float> dy(in_place ? 0 : kChunk * ldc, 0.0f);
+    std::vector<float> tail(in_place ? 0 : kGemmRows * kChunk);  // the last channel block, zero-padded
     float* c_rows[kGemmRows];
     for (int64_t k = 0; k < d.taps; ++k) {
       const int64_t count = pairs.tap_start[k + 1] - pairs.tap_start[k];
