@@ -130,6 +130,7 @@ def _backward_symmetric(features, d_out, kernel_t, nbr, groups, precision, kerne
     return d_features, _weight_grad(x, dy, rows, groups, precision, kernel_shape)
 
   a, b = kernel_shape[1], kernel_shape[2] // groups
+  # The handler's FillsGemmBlocks: 8 micro-kernel rows, and 16 lanes (the widest instruction set's).
   if features.dtype != jnp.float32 or a % 8 or b % 16:
     return separate(features, d_out, kernel_t, nbr)
   out = (jax.ShapeDtypeStruct(features.shape, features.dtype), jax.ShapeDtypeStruct(kernel_shape, features.dtype))

@@ -72,6 +72,10 @@ std::string ValidateConvArgs(const std::string& op, const ffi::AnyBuffer& featur
   return {};
 }
 
+// Whether each group's channel blocks fill whole micro-kernel blocks (a multiple of kGemmRows input
+// and of GemmLanes() output channels), so that float32 rows can be read in place as GEMM operands.
+bool FillsGemmBlocks(const ConvDims& d) { return d.a % kGemmRows == 0 && d.b % GemmLanes() == 0; }
+
 // float32 [taps][groups][a][b_pad]: each group's slice of each tap, columns zero-padded.
 template <typename T>
 std::vector<float> PackKernel(const T* kernel, const ConvDims& d, int64_t b_pad) {
@@ -367,8 +371,7 @@ class KernelGradPartials {
 };
 
 // Adds the float32 pairs' products x[i]^T dy[o] of one tap to its partial, reading the rows in
-// place: x_row(p) and y_row(p) point at pair p's features and d_out rows. Needs d.a % kGemmRows ==
-// 0 and d.b % GemmLanes() == 0 (channel blocks that fill whole micro-kernel blocks).
+// place: x_row(p) and y_row(p) point at pair p's features and d_out rows. Needs FillsGemmBlocks(d).
 template <typename XRow, typename YRow>
 void AddPairProducts(int64_t count, XRow x_row, YRow y_row, const ConvDims& d, int64_t b_pad, int64_t ldc,
                      float* partial) {
@@ -401,7 +404,7 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
   const int64_t range = KernelGradRange(d.n_out);
   const int64_t num_ranges = (d.n_out + range - 1) / range;
   // float32 rows whose channel blocks fill whole micro-kernel blocks are read in place.
-  const bool in_place = std::is_same_v<T, float> && d.a % kGemmRows == 0 && d.b % GemmLanes() == 0;
+  const bool in_place = std::is_same_v<T, float> && FillsGemmBlocks(d);
   auto partials = std::make_shared<KernelGradPartials>(num_ranges, d, b_pad);
   auto body = [=](int64_t task) {
     const int64_t first = task * range;
@@ -551,7 +554,7 @@ ffi::Future BackwardSymmetricImpl(ffi::ThreadPool pool, ffi::AnyBuffer features,
               "C_in] and returns d_features [N, C_in]; got d_out " + Shape(y) + ", kernel_t " + Shape(t) +
               ", nbr rows " + std::to_string(d.n_out) + ", features rows " + std::to_string(d.n_in);
   }
-  if (message.empty() && (d.a % kGemmRows != 0 || d.b % GemmLanes() != 0)) {
+  if (message.empty() && !FillsGemmBlocks(d)) {
     message = op + "needs C_in // groups divisible by " + std::to_string(kGemmRows) + " and C_out // groups by " +
               std::to_string(GemmLanes()) + "; other channel counts use the separate kernels";
   }
