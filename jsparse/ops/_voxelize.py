@@ -14,7 +14,7 @@ Semantics (``voxel_size`` and ``coors_range`` in xyz, outputs in zyx), per axis 
 
 Two backends (:func:`jsparse.backend`) with bitwise identical results: the FFI kernels
 (``xla_ffi/cpu/voxelize.cc``: first-come ids from a hash table of cell keys while other threads
-compute the keys ahead, then all threads fill the voxel rows) and a jnp reference that sorts
+compute the keys ahead and then zero unused voxel rows, then all threads fill the voxel rows) and a jnp reference that sorts
 points by cell. Under ``vmap`` each cloud is voxelized on its own (the FFI kernels run once per
 cloud).
 """
@@ -187,28 +187,28 @@ def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, 
   def int32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
-  # Two calls (each handler has one parallel phase): first-come ids and each voxel's stored
-  # points (slot_points, the first `counts` entries of each row), then the voxels.
-  assign = jax.ffi.ffi_call(
-    _ASSIGN,
-    (int32(max_voxels, ndim), int32(max_voxels), int32(p), int32(max_voxels, max_points), int32()),
-    vmap_method="sequential",
-  )
-  coords, counts, ids, slot_points, num_voxels = assign(
-    points,
-    num_points,
+  # Two calls (each handler has one parallel phase): first-come ids and each voxel's first point
+  # (the other threads zero voxel rows meanwhile), then the voxel rows, coords and counts.
+  geometry = dict(
     voxel_size=np.asarray(vsize, np.float32),
     range_min=np.asarray(low, np.float32),
     grid_size=np.asarray(grid, np.int64),
-    max_points_per_voxel=np.int64(max_points),
   )
-  store = jax.ffi.ffi_call(
-    _STORE,
-    (jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32), coords, counts),
-    input_output_aliases={3: 1, 4: 2},
+  assign = jax.ffi.ffi_call(
+    _ASSIGN,
+    (jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32), int32(p), int32(max_voxels), int32(), int32()),
     vmap_method="sequential",
   )
-  voxels, coords, counts = store(points, slot_points, num_voxels, coords, counts, empty_mean=np.int64(empty_mean))
+  voxels, ids, first_point, num_voxels, zeroed_from = assign(points, num_points, **geometry)
+  store = jax.ffi.ffi_call(
+    _STORE,
+    (voxels, int32(max_voxels, ndim), int32(max_voxels)),
+    input_output_aliases={5: 0},
+    vmap_method="sequential",
+  )
+  voxels, coords, counts = store(
+    points, ids, first_point, num_voxels, zeroed_from, voxels, **geometry, empty_mean=np.int64(empty_mean)
+  )
   return Voxels(voxels, coords, counts, ids, num_voxels)
 
 

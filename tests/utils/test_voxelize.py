@@ -181,6 +181,18 @@ def test_range_boundaries():
   assert out.coords[:3].tolist() == [[0, 0, 0], [3, 3, 3], [2, 2, 2]]
 
 
+@pytest.mark.parametrize("num", [7, 1027])
+def test_one_cell_across_key_blocks(num):
+  """The FFI kernel computes cell keys four points at a time in vector lanes and the rest of a
+  1024-point chunk one by one; both must send a cell to the same table slot, or the cell would
+  open two voxels."""
+  points = np.tile(np.array([[0.3, 0.7, 1.1]], np.float32), (num, 1))
+  points[::3, 0] = 1.4  # a second cell, interleaved
+  kwargs = dict(GEOMETRY[3], max_num_voxels=4, max_num_points_per_voxel=num)
+  assert_matches_oracle(points, **kwargs)
+  assert sorted(set(run(BACKENDS[0], points, **kwargs).pc_voxel_id.tolist())) == [0, 1]
+
+
 def test_empty_cloud():
   kwargs = dict(GEOMETRY[2], max_num_voxels=3, max_num_points_per_voxel=2)
   assert_matches_oracle(np.zeros((0, 3), np.float32), **kwargs)
@@ -273,19 +285,37 @@ def test_validation_errors():
     ops.voxelize(points, **good, max_num_voxels=0, max_num_points_per_voxel=2)
 
 
+def _handlers(max_voxels, max_points, features, num_points, ndim):
+  """The two FFI handlers of the voxelizer, as ``_voxelize_ffi`` calls them."""
+  _ffi.targets("cpu")
+  int32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  voxels = jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32)
+  assign = jax.ffi.ffi_call(
+    "jsparse_voxelize_assign", (voxels, int32(num_points), int32(max_voxels), int32(), int32()), vmap_method="sequential"
+  )
+  store = jax.ffi.ffi_call(
+    "jsparse_voxelize_store",
+    (voxels, int32(max_voxels, ndim), int32(max_voxels)),
+    input_output_aliases={5: 0},
+    vmap_method="sequential",
+  )
+  return assign, store
+
+
+def _geometry_attributes(voxel_size, coors_range):
+  vsize, low, grid = ops._voxelize._geometry(voxel_size, coors_range)
+  return dict(
+    voxel_size=np.asarray(vsize, np.float32),
+    range_min=np.asarray(low, np.float32),
+    grid_size=np.asarray(grid, np.int64),
+  )
+
+
 @pytest.mark.skipif(not _ffi.built("cpu"), reason="the C++ extension is not built")
 def test_ffi_rejects_bad_attributes():
   """The handlers validate on their own (for callers that bypass the Python checks)."""
-  _ffi.targets("cpu")
-  int32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-  assign = jax.ffi.ffi_call(
-    "jsparse_voxelize_assign", (int32(4, 3), int32(4), int32(5), int32(4, 2), int32()), vmap_method="sequential"
-  )
-  good = dict(
-    range_min=np.zeros(3, np.float32),
-    grid_size=np.array([2, 2, 2], np.int64),
-    max_points_per_voxel=np.int64(2),
-  )
+  assign, store = _handlers(4, 2, 3, 5, 3)
+  good = dict(range_min=np.zeros(3, np.float32), grid_size=np.array([2, 2, 2], np.int64))
   with pytest.raises(Exception, match="voxel_size must be positive"):
     jax.block_until_ready(
       assign(
@@ -296,16 +326,52 @@ def test_ffi_rejects_bad_attributes():
     jax.block_until_ready(
       assign(jnp.zeros((5, 2), jnp.float32), jnp.int32(5), voxel_size=np.ones(3, np.float32), **good)
     )
-  store = jax.ffi.ffi_call(
-    "jsparse_voxelize_store",
-    (jax.ShapeDtypeStruct((4, 2, 3), jnp.float32), int32(4, 3), int32(4)),
-    input_output_aliases={3: 1, 4: 2},
-    vmap_method="sequential",
-  )
-  points, slot_points = jnp.zeros((5, 3), jnp.float32), jnp.zeros(4, jnp.int32)  # not [V, M]
-  coords, counts = jnp.zeros((4, 3), jnp.int32), jnp.zeros(4, jnp.int32)
+  with pytest.raises(Exception, match=r"voxels must be float32 \[max_num_voxels, max_points_per_voxel, F\]"):
+    jax.block_until_ready(
+      assign(jnp.zeros((5, 4), jnp.float32), jnp.int32(5), voxel_size=np.ones(3, np.float32), **good)
+    )
+  points, ids = jnp.zeros((5, 3), jnp.float32), jnp.zeros(4, jnp.int32)  # ids not [P]
+  first_point, voxels = jnp.zeros(4, jnp.int32), jnp.zeros((4, 2, 3), jnp.float32)
   with pytest.raises(Exception, match="jsparse_voxelize_store: expects"):
-    jax.block_until_ready(store(points, slot_points, jnp.int32(0), coords, counts, empty_mean=np.int64(0)))
+    jax.block_until_ready(
+      store(
+        points, ids, first_point, jnp.int32(0), jnp.int32(0), voxels, voxel_size=np.ones(3, np.float32),
+        **good, empty_mean=np.int64(0),
+      )
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(not _ffi.built("cpu"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("empty_mean", [False, True])
+def test_store_completes_rows_for_any_zeroed_from(empty_mean):
+  """The assign handler zeroes voxel rows [zeroed_from, V) while it inserts, as far as it gets
+  (timing decides), and the store handler completes every row whatever the split: rows below
+  zeroed_from arrive as garbage (NaN here). Each split, including ones inside and at the edges of
+  the store's row tasks (8192 rows of 2 x 4 floats) and inside the opened voxels, gives the
+  specification's result. 12,000 points in distinct-enough cells open over 8192 voxels."""
+  rng = np.random.default_rng(11)
+  points = np.concatenate(
+    [rng.uniform(0, 40, size=(12000, 3)), rng.standard_normal((12000, 1))], axis=1
+  ).astype(np.float32)
+  geometry = dict(voxel_size=(0.5, 0.5, 0.5), coors_range=(0.0, 0.0, 0.0, 40.0, 40.0, 40.0))
+  max_voxels, max_points = 20000, 2
+  want = oracle(points, **geometry, max_voxels=max_voxels, max_points=max_points, empty_mean=empty_mean)
+  used = want[4]
+  assert 8192 < used < 12000
+  assign, store = _handlers(max_voxels, max_points, 4, len(points), 3)
+  attributes = _geometry_attributes(**geometry)
+  _, ids, first_point, num_voxels, _ = assign(jnp.asarray(points), jnp.int32(len(points)), **attributes)
+  np.testing.assert_array_equal(np.asarray(ids), want[3])
+  assert int(num_voxels) == used
+  for zeroed_from in (0, 100, 8192, used - 1, used, used + 5, 16384, max_voxels):
+    arriving = np.zeros((max_voxels, max_points, 4), np.float32)
+    arriving[:zeroed_from] = np.nan
+    got = store(
+      jnp.asarray(points), ids, first_point, num_voxels, jnp.int32(zeroed_from), jnp.asarray(arriving),
+      **attributes, empty_mean=np.int64(empty_mean),
+    )  # fmt: skip
+    for name, expected, have in zip(("voxels", "coords", "counts"), want, got):
+      np.testing.assert_array_equal(np.asarray(have), expected, err_msg=f"{name}, zeroed_from={zeroed_from}")
 
 
 # ---- jsparse.utils ------------------------------------------------------------------------------
