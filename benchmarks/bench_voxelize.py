@@ -1,13 +1,22 @@
 """Voxelization of real scans: jsparse's FFI kernel, its reference path and spconv, side by side.
 
-Prints one table. Each row is one scan and setting measured in this run: the median time of
-``--repeats`` calls (after a compiling warm-up) of a jitted ``PointToVoxel.generate`` on the FFI
-kernel and on the reference path (a fresh jit per backend), spconv 2.3.8's CPU
-``PointToVoxel.generate_voxel_with_id`` (single-threaded, its only correct setting) when torch +
-spconv are installed, the ratios, and the FFI throughput in million points per second. The FFI
-kernel and spconv take turns in blocks of 10 calls, so load from other processes affects both. jsparse
-runs on XLA's CPU thread pool (all cores this process may use); its outputs have
-``max_num_voxels`` rows, like the buffers spconv fills (spconv then returns views of the used rows).
+Prints one table. Each row is one scan and setting measured in this run, as the median time of
+``--repeats`` calls (after a compiling warm-up) of:
+
+- "ref": a jitted ``PointToVoxel.generate_voxel_with_id`` on the reference path;
+- "FFI": the same on the FFI kernel, with fresh outputs each call (XLA allocates them);
+- "reuse": the FFI kernel refilling one buffer: each call donates the last call's voxels
+  (``generate(pc, reuse=last.voxels)``), as spconv refills the buffers it allocated once;
+- "spconv": spconv 2.3.8's CPU ``PointToVoxel.generate_voxel_with_id`` (single-threaded, its only
+  correct setting) when torch + spconv are installed;
+
+and the ratios. FFI, reuse and spconv take turns in blocks of 10 timed calls, each turn starting
+with 3 untimed ones (see ``median_times``), so load from other processes affects all. jsparse runs
+on XLA's CPU thread pool (all cores this process may use); its outputs have ``max_num_voxels``
+rows, like the buffers spconv fills (spconv then returns views of the used rows). "faults" counts
+the minor page faults per call: whether the allocator reuses memory for XLA's fresh outputs or maps
+it anew (then the kernel zeroes every 4 KiB page on first touch, and a call can take twice as
+long at V=60000) depends on the process's allocation history.
 
   python benchmarks/bench_voxelize.py [--repeats 50] [--no-spconv]
 """
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import resource
 import statistics
 import sys
 import time
@@ -48,30 +58,55 @@ CASES = (
 )  # fmt: skip
 
 
-def median_times(fns: dict[str, Callable[[], Any]], repeats: int, block: int = 10) -> dict[str, float]:
-  """Seconds per call of each function: the median of ``repeats`` timed calls after one warm-up
-  call. The functions take turns in blocks of ``block`` calls, so a change in machine load hits
+def median_times(
+  fns: dict[str, Callable[[], Any]], repeats: int, block: int = 10, settle: int = 3
+) -> dict[str, tuple[float, float]]:
+  """``(seconds, page faults)`` per call of each function: the median time of ``repeats`` timed
+  calls after one warm-up call, and the mean number of minor page faults of those calls (memory
+  the allocator maps anew, which the kernel zeroes on first touch). The functions take turns in blocks of ``block`` calls, so a change in machine load hits
   all of them, while each block runs with its own data in cache (spconv's dense hash grid of
-  ``prod(grid)`` int32 would otherwise evict the other's)."""
+  ``prod(grid)`` int32 would otherwise evict the other's). Each turn starts with ``settle``
+  untimed calls: after another library's turn (or any idle spell), the first calls run slow while
+  caches refill and idle cores wake, most for the threaded library (on a 2-core VM, jsparse's
+  first call after a 50 ms sleep took 1.7x its steady time and the next few 1.2-1.3x)."""
   for fn in fns.values():
     jax.block_until_ready(fn())
   times: dict[str, list[float]] = {name: [] for name in fns}
+  faults = dict.fromkeys(fns, 0)
   for start in range(0, repeats, block):
     for name, fn in fns.items():
+      for _ in range(settle):
+        jax.block_until_ready(fn())
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       for _ in range(min(block, repeats - start)):
         begin = time.perf_counter()
         jax.block_until_ready(fn())
         times[name].append(time.perf_counter() - begin)
-  return {name: statistics.median(t) for name, t in times.items()}
+      faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+  return {name: (statistics.median(t), faults[name] / len(t)) for name, t in times.items()}
 
 
 def jitted(backend: str, gen: PointToVoxel, points: jax.Array) -> Callable[[], Any]:
   # A fresh function per backend, traced here: jax.jit caches traces per function object, and
   # the backend is read when tracing.
   with jsparse.backend(backend):
-    fn = jax.jit(lambda p: gen.generate(p))
+    fn = jax.jit(lambda p: gen.generate_voxel_with_id(p))
     jax.block_until_ready(fn(points))
   return lambda: fn(points)
+
+
+def reusing(gen: PointToVoxel, points: jax.Array) -> Callable[[], Any]:
+  """The FFI kernel refilling one buffer, as spconv does: each call donates the last voxels."""
+  with jsparse.backend("ffi"):
+    fn = jax.jit(lambda p, old: gen.generate(p, reuse=old), donate_argnums=1)
+    last = [jax.block_until_ready(fn(points, gen.generate(points).voxels)).voxels]
+
+  def call():
+    result = fn(points, last[0])
+    last[0] = result.voxels
+    return result
+
+  return call
 
 
 def spconv_call(points: np.ndarray, case: tuple) -> Callable[[], Any]:
@@ -90,8 +125,8 @@ def spconv_call(points: np.ndarray, case: tuple) -> Callable[[], Any]:
 
 
 COLUMNS = (
-  ("case", 52), ("points", 8), ("voxels", 8), ("FFI ms", 8), ("ref ms", 8), ("ref/FFI", 8),
-  ("spconv ms", 10), ("spconv/FFI", 11), ("FFI Mpt/s", 10),
+  ("case", 52), ("points", 8), ("voxels", 8), ("ref ms", 8), ("FFI ms", 8), ("faults", 7),
+  ("reuse ms", 9), ("faults", 7), ("spconv ms", 10), ("spconv/FFI", 11), ("spconv/reuse", 13),
 )  # fmt: skip
 
 
@@ -119,23 +154,26 @@ def main() -> None:
     gen = PointToVoxel(vsize, coors_range, features, max_voxels, max_points)
     device_points = jnp.asarray(points)
     voxels = int(gen.generate(device_points).num_voxels)
-    fns = {"ffi": jitted("ffi", gen, device_points)}
+    fns = {"ffi": jitted("ffi", gen, device_points), "reuse": reusing(gen, device_points)}
     if with_spconv:
       fns["spconv"] = spconv_call(points, case)
     times = median_times(fns, args.repeats)
-    ffi, theirs = times["ffi"], times.get("spconv")
-    ref = median_times({"ref": jitted("reference", gen, device_points)}, max(3, args.repeats // 10))["ref"]
+    (ffi, ffi_faults), (reuse, reuse_faults) = times["ffi"], times["reuse"]
+    theirs = times["spconv"][0] if with_spconv else None
+    ref = median_times({"ref": jitted("reference", gen, device_points)}, max(3, args.repeats // 10))["ref"][0]
     print(
       row(
         f"{label} (V={max_voxels}, M={max_points})",
         len(points),
         voxels,
-        1e3 * ffi,
         1e3 * ref,
-        f"{ref / ffi:.1f}x",
+        1e3 * ffi,
+        f"{ffi_faults:.0f}",
+        1e3 * reuse,
+        f"{reuse_faults:.0f}",
         None if theirs is None else 1e3 * theirs,
         None if theirs is None else f"{theirs / ffi:.1f}x",
-        len(points) / ffi / 1e6,
+        None if theirs is None else f"{theirs / reuse:.1f}x",
       ),
       flush=True,
     )

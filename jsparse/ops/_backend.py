@@ -76,15 +76,17 @@ def dispatch(target: str, ffi_impl: Callable[..., Any], reference: Callable[...,
   return lax.platform_dependent(*args, default=reference, **{p: ffi_impl for p in platforms})
 
 
-def jit(fun: Callable[..., Any], static_argnames: tuple[str, ...] = ()) -> Callable[..., Any]:
+def jit(
+  fun: Callable[..., Any], static_argnames: tuple[str, ...] = (), donate_argnames: tuple[str, ...] = ()
+) -> Callable[..., Any]:
   """``jax.jit`` whose compilation cache also keys on the backend in force at call time.
 
-  Arguments are bound to ``fun``'s signature first, so static arguments may be passed by
-  position or by name.
+  Arguments are bound to ``fun``'s signature first, so static and donated arguments may be passed
+  by position or by name.
   """
   signature = inspect.signature(fun)
 
-  @functools.partial(jax.jit, static_argnames=(*static_argnames, "_backend_name"))
+  @functools.partial(jax.jit, static_argnames=(*static_argnames, "_backend_name"), donate_argnames=donate_argnames)
   def jitted(_backend_name, **kwargs):
     with backend(_backend_name):
       return fun(**kwargs)

@@ -180,7 +180,7 @@ def _fill_empty_with_mean(voxels: jax.Array, counts: jax.Array) -> jax.Array:
   return jnp.where(empty[:, :, None], mean[:, None, :], voxels)
 
 
-def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, empty_mean):
+def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, empty_mean, reuse=None):
   p, features = points.shape
   ndim = len(grid)
 
@@ -197,9 +197,12 @@ def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, 
   assign = jax.ffi.ffi_call(
     _ASSIGN,
     (jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32), int32(p), int32(max_voxels), int32(), int32()),
+    # A donated old voxels array becomes the result's memory (the handler never reads it).
+    input_output_aliases=None if reuse is None else {2: 0},
     vmap_method="sequential",
   )
-  voxels, ids, first_point, num_voxels, zeroed_from = assign(points, num_points, **geometry)
+  reused = jnp.zeros(0, jnp.float32) if reuse is None else reuse
+  voxels, ids, first_point, num_voxels, zeroed_from = assign(points, num_points, reused, **geometry)
   store = jax.ffi.ffi_call(
     _STORE,
     (voxels, int32(max_voxels, ndim), int32(max_voxels)),
@@ -221,6 +224,7 @@ def _voxelize(
   max_num_voxels: int,
   max_num_points_per_voxel: int,
   empty_mean: bool = False,
+  reuse: jax.Array | None = None,
 ) -> Voxels:
   """Groups points into voxels, spconv 2.3 ``PointToVoxel`` semantics (see the module docstring).
 
@@ -233,6 +237,11 @@ def _voxelize(
     max_num_voxels: ``V``, static number of voxel rows.
     max_num_points_per_voxel: ``M``, static number of point slots per voxel.
     empty_mean: fill empty slots with the voxel's mean instead of zeros.
+    reuse: optional float32 ``[V, M, F]``, the ``voxels`` of an earlier result that is no longer
+      needed. It is donated (treat it as consumed): the FFI kernel writes the new voxels into its
+      memory, as spconv refills its buffers, so a stream of clouds does not allocate a fresh
+      ``V * M * F`` array each call, whose pages the kernel may have to map and zero again.
+      Inside your own ``jax.jit``, donate it there (``donate_argnums``), or XLA copies it.
 
   Returns:
     :class:`Voxels` (voxels ``[V, M, F]``, coords int32 ``[V, ndim]`` zyx, num_points_per_voxel
@@ -264,22 +273,32 @@ def _voxelize(
   num_points = jnp.asarray(num_points, jnp.int32)
   if num_points.ndim != 0:
     raise ValueError(f"num_points must be a scalar, got shape {num_points.shape}")
+  if reuse is not None:
+    want = (max_num_voxels, max_num_points_per_voxel, points.shape[1])
+    if reuse.shape != want or reuse.dtype != jnp.float32:
+      raise ValueError(
+        f"reuse must be the float32 voxels {want} of an earlier result with the same sizes, got "
+        f"{reuse.dtype} {reuse.shape}"
+      )
   static = (
     *_geometry(voxel_size, coors_range),
     int(max_num_voxels),
     int(max_num_points_per_voxel),
     bool(empty_mean),
   )
+  # The reference path ignores `reuse`; XLA may still place its voxels in the donated memory.
   return _backend.dispatch(
     _ASSIGN,
-    lambda pts, n: _voxelize_ffi(pts, n, *static),
-    lambda pts, n: _voxelize_reference(pts, n, *static),
+    lambda pts, n, *buffer: _voxelize_ffi(pts, n, *static, *buffer),
+    lambda pts, n, *buffer: _voxelize_reference(pts, n, *static),
     points,
     num_points,
+    *(() if reuse is None else (reuse,)),
   )
 
 
 voxelize = _backend.jit(
   _voxelize,
   static_argnames=("voxel_size", "coors_range", "max_num_voxels", "max_num_points_per_voxel", "empty_mean"),
+  donate_argnames=("reuse",),
 )

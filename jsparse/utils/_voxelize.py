@@ -102,7 +102,12 @@ class PointToVoxel:
       raise ValueError(f"pc must be float32, got {dtype}; use pc.astype(np.float32)")
 
   def generate(
-    self, pc: jax.Array, *, empty_mean: bool = False, num_points: jax.Array | int | None = None
+    self,
+    pc: jax.Array,
+    *,
+    empty_mean: bool = False,
+    num_points: jax.Array | int | None = None,
+    reuse: jax.Array | None = None,
   ) -> Voxels:
     """The full, padded result (jittable).
 
@@ -110,6 +115,9 @@ class PointToVoxel:
       pc: float32 ``[P, num_point_features]``.
       empty_mean: fill each voxel's empty slots with the mean of its stored points.
       num_points: int ``[]`` (may be traced): only rows ``[0, num_points)`` are points.
+      reuse: the ``voxels`` of an earlier :meth:`generate` result that is no longer needed,
+        donated to hold the new voxels (spconv's reuse of its buffers, see
+        :func:`jsparse.ops.voxelize`): ``out = gen.generate(pc, reuse=out.voxels)``.
 
     Returns:
       :class:`~jsparse.ops._voxelize.Voxels`: voxels ``[max_num_voxels, M, F]``, coords int32
@@ -125,6 +133,7 @@ class PointToVoxel:
       max_num_voxels=self.max_num_voxels,
       max_num_points_per_voxel=self.max_num_points_per_voxel,
       empty_mean=empty_mean,
+      reuse=reuse,
     )
 
   def overflow(self, result: Voxels) -> dict[str, jax.Array]:

@@ -193,6 +193,26 @@ def test_one_cell_across_key_blocks(num):
   assert sorted(set(run(BACKENDS[0], points, **kwargs).pc_voxel_id.tolist())) == [0, 1]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reuse_donates_an_old_result(backend):
+  """``reuse`` takes an earlier result's voxels (here full of garbage) and gives the same result
+  as a fresh call; on the FFI path the result lives in the donated memory and the old array is
+  deleted."""
+  points = clustered_points(np.random.default_rng(8), 300, 3, 6, 4)
+  kwargs = dict(GEOMETRY[3], max_num_voxels=50, max_num_points_per_voxel=3)
+  want = run(backend, points, **kwargs)
+  with jsparse.backend(backend):
+    old = jnp.full((50, 3, 4), jnp.nan, jnp.float32)
+    address = old.unsafe_buffer_pointer()
+    got = ops.voxelize(jnp.asarray(points), **kwargs, reuse=old)
+    for name, expected, have in zip(got._fields, want, got):
+      np.testing.assert_array_equal(np.asarray(have), expected, err_msg=name)
+    if backend == "ffi":
+      assert old.is_deleted() and got.voxels.unsafe_buffer_pointer() == address
+    with pytest.raises(ValueError, match=r"reuse must be the float32 voxels \(50, 3, 4\)"):
+      ops.voxelize(jnp.asarray(points), **kwargs, reuse=jnp.zeros((50, 2, 4), jnp.float32))
+
+
 def test_empty_cloud():
   kwargs = dict(GEOMETRY[2], max_num_voxels=3, max_num_points_per_voxel=2)
   assert_matches_oracle(np.zeros((0, 3), np.float32), **kwargs)
@@ -316,19 +336,20 @@ def test_ffi_rejects_bad_attributes():
   """The handlers validate on their own (for callers that bypass the Python checks)."""
   assign, store = _handlers(4, 2, 3, 5, 3)
   good = dict(range_min=np.zeros(3, np.float32), grid_size=np.array([2, 2, 2], np.int64))
+  unused = jnp.zeros(0, jnp.float32)  # the reused-voxels argument
   with pytest.raises(Exception, match="voxel_size must be positive"):
     jax.block_until_ready(
       assign(
-        jnp.zeros((5, 3), jnp.float32), jnp.int32(5), voxel_size=np.array([1, -1, 1], np.float32), **good
+        jnp.zeros((5, 3), jnp.float32), jnp.int32(5), unused, voxel_size=np.array([1, -1, 1], np.float32), **good
       )
     )
   with pytest.raises(Exception, match=r"points must be float32 \[P, F\] with F >= 3"):
     jax.block_until_ready(
-      assign(jnp.zeros((5, 2), jnp.float32), jnp.int32(5), voxel_size=np.ones(3, np.float32), **good)
+      assign(jnp.zeros((5, 2), jnp.float32), jnp.int32(5), unused, voxel_size=np.ones(3, np.float32), **good)
     )
   with pytest.raises(Exception, match=r"voxels must be float32 \[max_num_voxels, max_points_per_voxel, F\]"):
     jax.block_until_ready(
-      assign(jnp.zeros((5, 4), jnp.float32), jnp.int32(5), voxel_size=np.ones(3, np.float32), **good)
+      assign(jnp.zeros((5, 4), jnp.float32), jnp.int32(5), unused, voxel_size=np.ones(3, np.float32), **good)
     )
   points, ids = jnp.zeros((5, 3), jnp.float32), jnp.zeros(4, jnp.int32)  # ids not [P]
   first_point, voxels = jnp.zeros(4, jnp.int32), jnp.zeros((4, 2, 3), jnp.float32)
@@ -360,7 +381,9 @@ def test_store_completes_rows_for_any_zeroed_from(empty_mean):
   assert 8192 < used < 12000
   assign, store = _handlers(max_voxels, max_points, 4, len(points), 3)
   attributes = _geometry_attributes(**geometry)
-  _, ids, first_point, num_voxels, _ = assign(jnp.asarray(points), jnp.int32(len(points)), **attributes)
+  _, ids, first_point, num_voxels, _ = assign(
+    jnp.asarray(points), jnp.int32(len(points)), jnp.zeros(0, jnp.float32), **attributes
+  )
   np.testing.assert_array_equal(np.asarray(ids), want[3])
   assert int(num_voxels) == used
   for zeroed_from in (0, 100, 8192, used - 1, used, used + 5, 16384, max_voxels):
@@ -393,6 +416,10 @@ def test_point_to_voxel_matches_op():
   jitted = jax.jit(lambda p: gen(p, empty_mean=True))(points)  # under jit: padded to max_num_voxels
   assert jitted[0].shape == (40, 3, 4)
   np.testing.assert_array_equal(jitted[0], gen.generate(points, empty_mean=True).voxels)
+  expected = jax.tree.map(np.asarray, full)
+  again = gen.generate(points, reuse=full.voxels)  # a stream of clouds refills one buffer
+  for name, want, have in zip(again._fields, expected, again):
+    np.testing.assert_array_equal(have, want, err_msg=name)
 
 
 def test_point_to_voxel_overflow_record_and_warning():

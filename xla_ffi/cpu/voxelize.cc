@@ -366,7 +366,7 @@ std::string MakeGeometry(const std::string& op, ffi::Span<const float> vsize, ff
 int64_t RowsPerBlock(int64_t row_floats) { return std::max<int64_t>(1, kRowChunkFloats / std::max<int64_t>(1, row_floats)); }
 
 ffi::Future VoxelizeAssign(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer num_points,
-                           ffi::Span<const float> vsize, ffi::Span<const float> low,
+                           ffi::AnyBuffer /*reused_voxels*/, ffi::Span<const float> vsize, ffi::Span<const float> low,
                            ffi::Span<const int64_t> grid, ffi::Result<ffi::AnyBuffer> voxels_out,
                            ffi::Result<ffi::AnyBuffer> ids_out,
                            ffi::Result<ffi::AnyBuffer> first_point_out, ffi::Result<ffi::AnyBuffer> num_voxels_out,
@@ -602,6 +602,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<ffi::ThreadPool>()                      // the XLA intra-op pool (cell keys ahead of the inserter)
         .Arg<ffi::AnyBuffer>()                       // points [P, F] float32, x, y[, z[, t]] first
         .Arg<ffi::AnyBuffer>()                       // num_points [] int32: rows past it are padding
+        .Arg<ffi::AnyBuffer>()                       // reused voxels: never read; aliased to the voxels
+                                                     // result when the caller donates an old one
         .Attr<ffi::Span<const float>>("voxel_size")  // [ndim] float32, xyz order
         .Attr<ffi::Span<const float>>("range_min")   // [ndim] float32, xyz order
         .Attr<ffi::Span<const int64_t>>("grid_size")  // [ndim], xyz order
