@@ -216,7 +216,9 @@ def main() -> None:
           calls["spconv"] = spconv["subm_forward"]
         times = best_times(calls, args.repeats)
         for label, fn, work in (
-          ("forward", forward, flops), ("fwd+bwd", both, 3 * flops), ("grad of sum(y^2)", loss_grad, 3 * flops)
+          ("forward", forward, flops),
+          ("fwd+bwd", both, 3 * flops),
+          ("grad of sum(y^2)", loss_grad, 3 * flops),
         ):
           ref = best_times({"ref": jitted("reference", fn, features, kernel, pairs)}, 1)["ref"]
           theirs_time = times.get("spconv") if label == "forward" else None  # spconv's CPU build: no backward

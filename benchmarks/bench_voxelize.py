@@ -63,8 +63,9 @@ def median_times(
 ) -> dict[str, tuple[float, float]]:
   """``(seconds, page faults)`` per call of each function: the median time of ``repeats`` timed
   calls after one warm-up call, and the mean number of minor page faults of those calls (memory
-  the allocator maps anew, which the kernel zeroes on first touch). The functions take turns in blocks of ``block`` calls, so a change in machine load hits
-  all of them, while each block runs with its own data in cache (spconv's dense hash grid of
+  the allocator maps anew, which the kernel zeroes on first touch). The functions take turns in
+  blocks of ``block`` calls, so a change in machine load hits all of them, while each block runs
+  with its own data in cache (spconv's dense hash grid of
   ``prod(grid)`` int32 would otherwise evict the other's). Each turn starts with ``settle``
   untimed calls: after another library's turn (or any idle spell), the first calls run slow while
   caches refill and idle cores wake, most for the threaded library (on a 2-core VM, jsparse's

@@ -86,7 +86,9 @@ def jit(
   """
   signature = inspect.signature(fun)
 
-  @functools.partial(jax.jit, static_argnames=(*static_argnames, "_backend_name"), donate_argnames=donate_argnames)
+  @functools.partial(
+    jax.jit, static_argnames=(*static_argnames, "_backend_name"), donate_argnames=donate_argnames
+  )
   def jitted(_backend_name, **kwargs):
     with backend(_backend_name):
       return fun(**kwargs)

@@ -133,7 +133,10 @@ def _backward_symmetric(features, d_out, kernel_t, nbr, groups, precision, kerne
   # The handler's FillsGemmBlocks: 8 micro-kernel rows, and 16 lanes (the widest instruction set's).
   if features.dtype != jnp.float32 or a % 8 or b % 16:
     return separate(features, d_out, kernel_t, nbr)
-  out = (jax.ShapeDtypeStruct(features.shape, features.dtype), jax.ShapeDtypeStruct(kernel_shape, features.dtype))
+  out = (
+    jax.ShapeDtypeStruct(features.shape, features.dtype),
+    jax.ShapeDtypeStruct(kernel_shape, features.dtype),
+  )
   ffi = jax.ffi.ffi_call("jsparse_conv_backward_symmetric", out, vmap_method="sequential")
   return _backend.dispatch(
     "jsparse_conv_backward_symmetric",
@@ -150,7 +153,9 @@ def _conv_bwd(groups, precision, residuals, d_out):
   features, kernel, nbr, nbr_t = residuals
   d_kernel_t = _transpose_kernel(kernel, groups)
   if nbr_t is None:  # odd submanifold map: the transpose is nbr with its taps reversed
-    d_features, d_kernel = _backward_symmetric(features, d_out, d_kernel_t, nbr, groups, precision, kernel.shape)
+    d_features, d_kernel = _backward_symmetric(
+      features, d_out, d_kernel_t, nbr, groups, precision, kernel.shape
+    )
   else:
     d_features = _gather_gemm(d_out, d_kernel_t, nbr_t, groups, precision)
     d_kernel = _weight_grad(features, d_out, nbr, groups, precision, kernel.shape)

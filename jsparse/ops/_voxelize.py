@@ -14,9 +14,9 @@ Semantics (``voxel_size`` and ``coors_range`` in xyz, outputs in zyx), per axis 
 
 Two backends (:func:`jsparse.backend`) with bitwise identical results: the FFI kernels
 (``xla_ffi/cpu/voxelize.cc``: first-come ids from a hash table of cell keys while other threads
-compute the keys ahead and then zero unused voxel rows, then all threads fill the voxel rows) and a jnp reference that sorts
-points by cell. Under ``vmap`` each cloud is voxelized on its own (the FFI kernels run once per
-cloud).
+compute the keys ahead and then zero voxel rows, then all threads fill the voxel rows) and a jnp
+reference that sorts points by cell. Under ``vmap`` each cloud is voxelized on its own (the FFI
+kernels run once per cloud).
 """
 
 from __future__ import annotations
@@ -196,7 +196,13 @@ def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, 
   )
   assign = jax.ffi.ffi_call(
     _ASSIGN,
-    (jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32), int32(p), int32(max_voxels), int32(), int32()),
+    (
+      jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32),
+      int32(p),
+      int32(max_voxels),
+      int32(),
+      int32(),
+    ),
     # A donated old voxels array becomes the result's memory (the handler never reads it).
     input_output_aliases=None if reuse is None else {2: 0},
     vmap_method="sequential",

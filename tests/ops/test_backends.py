@@ -113,7 +113,9 @@ CONV_TOLERANCE = {jnp.float32: 2e-6, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("kind,groups", [("subm", 1), ("subm", 2), ("conv", 2), ("transpose", 1), ("subm", 5)])
+@pytest.mark.parametrize(
+  "kind,groups", [("subm", 1), ("subm", 2), ("conv", 2), ("transpose", 1), ("subm", 5)]
+)
 def test_conv_and_gradients_match(dtype, kind, groups):
   rng = np.random.default_rng(7)
   shape, batch = (7, 6, 5), 2
@@ -260,7 +262,9 @@ def test_handlers_reject_bad_arguments():
   x, dy, kernel_t = jnp.ones((4, 8)), jnp.ones((4, 16)), jnp.ones((9, 16, 8))
   backward(x, dy, kernel_t, nbr)  # well formed
   with pytest.raises(Exception, match="float32 only"):
-    backward(x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16), kernel_t.astype(jnp.bfloat16), nbr, jnp.bfloat16)
+    backward(
+      x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16), kernel_t.astype(jnp.bfloat16), nbr, jnp.bfloat16
+    )
   with pytest.raises(Exception, match="expects a submanifold map"):
     backward(x, dy[:3], kernel_t, nbr[:3])
   with pytest.raises(Exception, match="C_in // groups divisible by 8"):
@@ -280,8 +284,8 @@ for c_out in (40, 48):  # 48: the one-pass submanifold backward; 40: the separat
   k = jnp.asarray(rng.standard_normal((3, 3, 3, 24, c_out)) / 24, jnp.float32)
   for name in ("ffi", "reference"):
     with jsparse.backend(name):
-      run = jax.jit(lambda f, k: jax.value_and_grad(lambda f, k: jnp.sum(jnp.sin(ops.sparse_conv(f, k, pairs))),
-                                                    argnums=(0, 1))(f, k))
+      loss = lambda f, k: jnp.sum(jnp.sin(ops.sparse_conv(f, k, pairs)))
+      run = jax.jit(lambda f, k: jax.value_and_grad(loss, argnums=(0, 1))(f, k))
       value, grads = run(f, k)
       out[name] += [np.asarray(a) for a in (value, *grads)]
 for a, b in zip(out["ffi"], out["reference"]):

@@ -311,7 +311,9 @@ def _handlers(max_voxels, max_points, features, num_points, ndim):
   int32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
   voxels = jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32)
   assign = jax.ffi.ffi_call(
-    "jsparse_voxelize_assign", (voxels, int32(num_points), int32(max_voxels), int32(), int32()), vmap_method="sequential"
+    "jsparse_voxelize_assign",
+    (voxels, int32(num_points), int32(max_voxels), int32(), int32()),
+    vmap_method="sequential",
   )
   store = jax.ffi.ffi_call(
     "jsparse_voxelize_store",
@@ -340,7 +342,11 @@ def test_ffi_rejects_bad_attributes():
   with pytest.raises(Exception, match="voxel_size must be positive"):
     jax.block_until_ready(
       assign(
-        jnp.zeros((5, 3), jnp.float32), jnp.int32(5), unused, voxel_size=np.array([1, -1, 1], np.float32), **good
+        jnp.zeros((5, 3), jnp.float32),
+        jnp.int32(5),
+        unused,
+        voxel_size=np.array([1, -1, 1], np.float32),
+        **good,
       )
     )
   with pytest.raises(Exception, match=r"points must be float32 \[P, F\] with F >= 3"):
