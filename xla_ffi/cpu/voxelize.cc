@@ -267,6 +267,27 @@ int64_t InsertPoints(const VoxelGeometry& g, const float* points, int64_t featur
   return opened;
 }
 
+// Sets [begin, end) to +0.0f, writing only the 256-byte blocks that are not all zero bits already.
+// Reading a block costs half the memory traffic of writing it (a clean line is never written
+// back), and output memory often is zero already: malloc tends to hand back the buffer of an
+// earlier result, whose padding rows are zero, a donated (reuse=) result is one, and pages
+// fresh from the kernel read as zero without being allocated.
+void ClearFloats(float* begin, float* end) {
+  using Lanes = uint32_t __attribute__((vector_size(16)));
+  constexpr int64_t kBlockFloats = 64;
+  float* p = begin;
+  for (; p + kBlockFloats <= end; p += kBlockFloats) {
+    Lanes lanes[kBlockFloats / 4];
+    std::memcpy(lanes, p, sizeof(lanes));
+    Lanes any = lanes[0];
+    for (int j = 1; j < kBlockFloats / 4; ++j) any |= lanes[j];
+    uint64_t words[2];
+    std::memcpy(words, &any, sizeof(any));
+    if ((words[0] | words[1]) != 0) std::fill(p, p + kBlockFloats, 0.0f);
+  }
+  std::fill(p, end, 0.0f);
+}
+
 // Zeroes voxel rows from the last row down, [top, V), in blocks that tasks claim by moving `top`
 // down, so the zeroed rows are one range whichever tasks ran. While the inserter runs, the other
 // tasks (their cell keys done) zero any rows: all rows need zeros, padding rows and the empty
@@ -284,7 +305,7 @@ struct RowZeroer {
       const int64_t start = std::max(t - block_rows, bound.load(std::memory_order_relaxed));
       if (start >= t) return;
       if (top.compare_exchange_weak(t, start, std::memory_order_relaxed)) {
-        std::fill(voxels + start * row_floats, voxels + t * row_floats, 0.0f);
+        ClearFloats(voxels + start * row_floats, voxels + t * row_floats);
       }
     }
   }
@@ -573,7 +594,7 @@ ffi::Future VoxelizeStore(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyB
     const int64_t end = std::min(rows_end, begin + rows_per_task);
     const int64_t opened_end = std::clamp(used, begin, end);
     const int64_t zero_begin = mean ? opened_end : begin, zero_end = std::min(end, zeroed_from);
-    if (zero_begin < zero_end) std::fill(voxels + zero_begin * row_floats, voxels + zero_end * row_floats, 0.0f);
+    if (zero_begin < zero_end) ClearFloats(voxels + zero_begin * row_floats, voxels + zero_end * row_floats);
     if (begin < opened_end) {
       switch (features) {
         case 4:
