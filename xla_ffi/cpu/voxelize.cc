@@ -267,6 +267,15 @@ int64_t InsertPoints(const VoxelGeometry& g, const float* points, int64_t featur
   return opened;
 }
 
+// Whether any bit of a vector is set.
+template <typename Vector>
+bool AnyBitSet(Vector v) {
+  static_assert(sizeof(Vector) == 16);
+  uint64_t words[2];
+  std::memcpy(words, &v, sizeof(v));
+  return (words[0] | words[1]) != 0;
+}
+
 // Sets [begin, end) to +0.0f, writing only the 256-byte blocks that are not all zero bits already.
 // Reading a block costs half the memory traffic of writing it (a clean line is never written
 // back), and output memory often is zero already: malloc tends to hand back the buffer of an
@@ -281,9 +290,7 @@ void ClearFloats(float* begin, float* end) {
     std::memcpy(lanes, p, sizeof(lanes));
     Lanes any = lanes[0];
     for (int j = 1; j < kBlockFloats / 4; ++j) any |= lanes[j];
-    uint64_t words[2];
-    std::memcpy(words, &any, sizeof(any));
-    if ((words[0] | words[1]) != 0) std::fill(p, p + kBlockFloats, 0.0f);
+    if (AnyBitSet(any)) std::fill(p, p + kBlockFloats, 0.0f);
   }
   std::fill(p, end, 0.0f);
 }
@@ -471,11 +478,8 @@ constexpr int kScanBlock = 4 * 4;
 bool AnyInRange(const int32_t* ids, IdLanes low, IdLanes high) {
   IdLanes lanes[4];
   std::memcpy(lanes, ids, sizeof(lanes));
-  const IdLanes hit = ((lanes[0] > low) & (lanes[0] < high)) | ((lanes[1] > low) & (lanes[1] < high)) |
-                      ((lanes[2] > low) & (lanes[2] < high)) | ((lanes[3] > low) & (lanes[3] < high));
-  uint64_t words[2];
-  std::memcpy(words, &hit, sizeof(hit));
-  return (words[0] | words[1]) != 0;
+  return AnyBitSet(((lanes[0] > low) & (lanes[0] < high)) | ((lanes[1] > low) & (lanes[1] < high)) |
+                   ((lanes[2] > low) & (lanes[2] < high)) | ((lanes[3] > low) & (lanes[3] < high)));
 }
 
 // Voxel rows [begin, end) of the opened ones: gathers each row's stored points (its first
