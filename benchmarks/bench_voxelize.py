@@ -65,11 +65,11 @@ def median_times(
   calls after one warm-up call, and the mean number of minor page faults of those calls (memory
   the allocator maps anew, which the kernel zeroes on first touch). The functions take turns in
   blocks of ``block`` calls, so a change in machine load hits all of them, while each block runs
-  with its own data in cache (spconv's dense hash grid of
-  ``prod(grid)`` int32 would otherwise evict the other's). Each turn starts with ``settle``
-  untimed calls: after another library's turn (or any idle spell), the first calls run slow while
-  caches refill and idle cores wake, most for the threaded library (on a 2-core VM, jsparse's
-  first call after a 50 ms sleep took 1.7x its steady time and the next few 1.2-1.3x)."""
+  with its own data in cache (spconv's dense hash grid of ``prod(grid)`` int32 would otherwise
+  evict the other's). Each turn starts with ``settle`` untimed calls: after another library's turn
+  (or any idle spell), the first calls run slow while caches refill and idle cores wake, most for
+  the threaded library (on a 2-core VM, jsparse's first call after a 50 ms sleep took 1.7x its
+  steady time and the next few 1.2-1.35x)."""
   for fn in fns.values():
     jax.block_until_ready(fn())
   times: dict[str, list[float]] = {name: [] for name in fns}

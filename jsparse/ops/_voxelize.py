@@ -180,41 +180,47 @@ def _fill_empty_with_mean(voxels: jax.Array, counts: jax.Array) -> jax.Array:
   return jnp.where(empty[:, :, None], mean[:, None, :], voxels)
 
 
-def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, empty_mean, reuse=None):
-  p, features = points.shape
-  ndim = len(grid)
+def _handlers(num_points, features, ndim, max_voxels, max_points, reuse):
+  """The two FFI calls, ``(assign, store)``; with ``reuse`` the assign call aliases its third
+  argument (a donated old voxels array, never read) to the voxels it returns."""
 
   def int32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
-  # Two calls (each handler has one parallel phase): first-come ids and each voxel's first point
-  # (the other threads zero voxel rows meanwhile), then the voxel rows, coords and counts.
-  geometry = dict(
-    voxel_size=np.asarray(vsize, np.float32),
-    range_min=np.asarray(low, np.float32),
-    grid_size=np.asarray(grid, np.int64),
-  )
+  voxels = jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32)
   assign = jax.ffi.ffi_call(
     _ASSIGN,
-    (
-      jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32),
-      int32(p),
-      int32(max_voxels),
-      int32(),
-      int32(),
-    ),
-    # A donated old voxels array becomes the result's memory (the handler never reads it).
-    input_output_aliases=None if reuse is None else {2: 0},
+    (voxels, int32(num_points), int32(max_voxels), int32(), int32()),
+    input_output_aliases={2: 0} if reuse else None,
     vmap_method="sequential",
   )
-  reused = jnp.zeros(0, jnp.float32) if reuse is None else reuse
-  voxels, ids, first_point, num_voxels, zeroed_from = assign(points, num_points, reused, **geometry)
   store = jax.ffi.ffi_call(
     _STORE,
     (voxels, int32(max_voxels, ndim), int32(max_voxels)),
     input_output_aliases={5: 0},
     vmap_method="sequential",
   )
+  return assign, store
+
+
+def _geometry_attributes(vsize, low, grid):
+  """The handlers' geometry attributes, from :func:`_geometry`'s values."""
+  return dict(
+    voxel_size=np.asarray(vsize, np.float32),
+    range_min=np.asarray(low, np.float32),
+    grid_size=np.asarray(grid, np.int64),
+  )
+
+
+def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, empty_mean, reuse=None):
+  # Two calls (each handler has one parallel phase): first-come ids and each voxel's first point
+  # (the other threads zero voxel rows meanwhile), then the voxel rows, coords and counts.
+  assign, store = _handlers(
+    points.shape[0], points.shape[1], len(grid), max_voxels, max_points, reuse is not None
+  )
+  geometry = _geometry_attributes(vsize, low, grid)
+  reused = jnp.zeros(0, jnp.float32) if reuse is None else reuse
+  voxels, ids, first_point, num_voxels, zeroed_from = assign(points, num_points, reused, **geometry)
   voxels, coords, counts = store(
     points, ids, first_point, num_voxels, zeroed_from, voxels, **geometry, empty_mean=np.int64(empty_mean)
   )
@@ -292,7 +298,7 @@ def _voxelize(
     int(max_num_points_per_voxel),
     bool(empty_mean),
   )
-  # The reference path ignores `reuse`; XLA may still place its voxels in the donated memory.
+  # The reference path ignores `reuse` (jit then drops the unused argument instead of consuming it).
   return _backend.dispatch(
     _ASSIGN,
     lambda pts, n, *buffer: _voxelize_ffi(pts, n, *static, *buffer),

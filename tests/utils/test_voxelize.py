@@ -308,31 +308,9 @@ def test_validation_errors():
 
 
 def _handlers(max_voxels, max_points, features, num_points, ndim):
-  """The two FFI handlers of the voxelizer, as ``_voxelize_ffi`` calls them."""
+  """The two FFI handlers of the voxelizer, as ``ops.voxelize`` calls them (no reuse)."""
   _ffi.targets("cpu")
-  int32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-  voxels = jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32)
-  assign = jax.ffi.ffi_call(
-    "jsparse_voxelize_assign",
-    (voxels, int32(num_points), int32(max_voxels), int32(), int32()),
-    vmap_method="sequential",
-  )
-  store = jax.ffi.ffi_call(
-    "jsparse_voxelize_store",
-    (voxels, int32(max_voxels, ndim), int32(max_voxels)),
-    input_output_aliases={5: 0},
-    vmap_method="sequential",
-  )
-  return assign, store
-
-
-def _geometry_attributes(voxel_size, coors_range):
-  vsize, low, grid = ops._voxelize._geometry(voxel_size, coors_range)
-  return dict(
-    voxel_size=np.asarray(vsize, np.float32),
-    range_min=np.asarray(low, np.float32),
-    grid_size=np.asarray(grid, np.int64),
-  )
+  return ops._voxelize._handlers(num_points, features, ndim, max_voxels, max_points, reuse=False)
 
 
 @pytest.mark.skipif(not _ffi.built("cpu"), reason="the C++ extension is not built")
@@ -388,7 +366,7 @@ def test_store_completes_rows_for_any_zeroed_from(empty_mean):
   used = want[4]
   assert 8192 < used < 12000
   assign, store = _handlers(max_voxels, max_points, 4, len(points), 3)
-  attributes = _geometry_attributes(**geometry)
+  attributes = ops._voxelize._geometry_attributes(*ops._voxelize._geometry(**geometry))
   _, ids, first_point, num_voxels, _ = assign(
     jnp.asarray(points), jnp.int32(len(points)), jnp.zeros(0, jnp.float32), **attributes
   )

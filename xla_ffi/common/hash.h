@@ -10,8 +10,10 @@
 namespace jsparse {
 
 // MurmurHash3 finalizers: every input bit affects every output bit, so packed coordinates that
-// differ in one axis land far apart.
-JSPARSE_HD inline uint32_t MixKey32(uint32_t k) {
+// differ in one axis land far apart. MixKeyLanes32 takes any type with 32-bit unsigned lane
+// arithmetic: a uint32_t, or a vector of them (the voxelizer hashes keys in vector lanes).
+template <typename Uint32Lanes>
+JSPARSE_HD inline Uint32Lanes MixKeyLanes32(Uint32Lanes k) {
   k ^= k >> 16;
   k *= 0x85ebca6bu;
   k ^= k >> 13;
@@ -19,6 +21,8 @@ JSPARSE_HD inline uint32_t MixKey32(uint32_t k) {
   k ^= k >> 16;
   return k;
 }
+
+JSPARSE_HD inline uint32_t MixKey32(uint32_t k) { return MixKeyLanes32(k); }
 
 JSPARSE_HD inline uint64_t MixKey64(uint64_t k) {
   k ^= k >> 33;

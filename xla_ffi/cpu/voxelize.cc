@@ -186,13 +186,8 @@ void ComputeCellKeys(const VoxelGeometry& g, const float* points, int64_t featur
         inside &= finite & (cell < static_cast<int32_t>(g.grid[a]));
         key += (UintLanes)cell * static_cast<uint32_t>(g.stride[a]);
       }
-      UintLanes h = key >> 3;  // MixKey32, lane by lane
-      h ^= h >> 16;
-      h *= 0x85ebca6bu;
-      h ^= h >> 13;
-      h *= 0xc2b2ae35u;
-      h ^= h >> 16;
-      const UintLanes slot = ((h << 3) | (key & 7)) & static_cast<uint32_t>(mask);
+      // VoxelSlot, lane by lane.
+      const UintLanes slot = ((MixKeyLanes32(key >> 3) << 3) | (key & 7)) & static_cast<uint32_t>(mask);
       // Outside the grid: kEmptyKey (all ones) and the sentinel slot.
       const Uint64Lanes keep = (Uint64Lanes)__builtin_convertvector(inside, Int64Lanes);
       const Uint64Lanes keys = __builtin_convertvector(key, Uint64Lanes) | ~keep;
