@@ -2,10 +2,11 @@
 //
 // XLA allocates a fresh buffer for each large result, and the allocator often maps it anew (tens
 // of MiB: past malloc's mmap threshold, or trimmed from its heap after the last call), so every
-// 4 KiB page faults on first touch: up to 8192 faults for a [131072, 64] float32 conv output. Asking the kernel for transparent huge pages
-// before the first touch turns them into a few 2 MiB faults (the strided C=64 conv: 33.6-39.6 ->
-// 30.8-31.0 ms in an A/B; the kernel still zeroes the pages). The advice is a hint: where huge
-// pages are off it does nothing, and results never depend on it.
+// 4 KiB page faults on first touch: up to 8192 faults for a [131072, 64] float32 conv output.
+// Asking the kernel for transparent huge pages before the first touch turns them into a few 2 MiB
+// faults (the strided C=64 conv: 33.6-39.6 -> 30.8-31.0 ms in an A/B; the kernel still zeroes the
+// pages). The advice is a hint: where huge pages are off it does nothing, and results never
+// depend on it.
 #pragma once
 
 #include <sys/mman.h>

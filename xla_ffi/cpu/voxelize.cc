@@ -153,7 +153,9 @@ void ComputeCellKeysScalar(const VoxelGeometry& g, const float* points, int64_t 
   for (int64_t i = begin; i < end; ++i) {
     uint64_t key = 0;
     bool inside = true;
-    for (int a = 0; a < kNdim; ++a) key += static_cast<uint64_t>(AxisCell(g, a, points[i * features + a], &inside)) * g.stride[a];
+    for (int a = 0; a < kNdim; ++a) {
+      key += static_cast<uint64_t>(AxisCell(g, a, points[i * features + a], &inside)) * g.stride[a];
+    }
     out.key[i] = inside ? key : kEmptyKey;
     out.slot[i] = inside ? VoxelSlot(key, mask) : mask + 1;
   }
@@ -386,7 +388,9 @@ std::string MakeGeometry(const std::string& op, ffi::Span<const float> vsize, ff
 }
 
 // Voxel rows per task of the store handler and per block the assign handler zeroes.
-int64_t RowsPerBlock(int64_t row_floats) { return std::max<int64_t>(1, kRowChunkFloats / std::max<int64_t>(1, row_floats)); }
+int64_t RowsPerBlock(int64_t row_floats) {
+  return std::max<int64_t>(1, kRowChunkFloats / std::max<int64_t>(1, row_floats));
+}
 
 ffi::Future VoxelizeAssign(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer num_points,
                            ffi::AnyBuffer /*reused_voxels*/, ffi::Span<const float> vsize, ffi::Span<const float> low,
