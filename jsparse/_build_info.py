@@ -18,7 +18,7 @@ def build_info() -> dict[str, Any]:
     A dict with ``cpu_ffi`` (the CPU extension is built and its targets registered),
     ``cuda_ffi`` (the CUDA extension was built; usable only where jax has a CUDA backend),
     ``ffi_targets`` (the targets of each built extension, by platform), ``backend``
-    (the backend in force), ``cpu_isa`` (the instruction set of the CPU conv kernels: "avx512",
+    (the backend in force), ``cpu_isa`` (the instruction set of the CPU kernels: "avx512",
     "avx2" or "portable", picked at load time; ``$JSPARSE_CPU_ISA`` can lower it), ``jax_version``,
     ``jaxlib_version``, ``jax_platform``.
 

@@ -47,6 +47,6 @@ def platforms_with(target: str) -> tuple[str, ...]:
 
 
 def cpu_isa() -> str | None:
-  """The instruction set of the CPU conv micro-kernel ("avx512", "avx2", "portable"), or None."""
+  """The instruction set of the CPU kernels' vector code ("avx512", "avx2", "portable"), or None."""
   module = _extension("cpu")
-  return None if module is None else module.gemm_isa()
+  return None if module is None else module.cpu_isa()

@@ -1,8 +1,7 @@
 // Instantiates gemm_rows.inc for each instruction set and dispatches to the best one the CPU has.
 #include "gemm.h"
 
-#include <cstdlib>
-#include <string>
+#include "cpu_isa.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define JSPARSE_GEMM_X86 1
@@ -37,41 +36,14 @@
 namespace jsparse {
 namespace {
 
-enum class Isa { kAvx512, kAvx2, kPortable };
-
-// The best instruction set the CPU has; JSPARSE_CPU_ISA=avx512|avx2|portable asks for a lower
-// one (for testing the fallbacks), never for one the CPU lacks.
-Isa DetectIsa() {
-  const char* requested = std::getenv("JSPARSE_CPU_ISA");
-  const std::string limit = requested == nullptr ? "avx512" : requested;
-  if (limit == "portable") return Isa::kPortable;
-#ifdef JSPARSE_GEMM_X86
-  __builtin_cpu_init();
-  if (limit == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("fma")) {
-    return Isa::kAvx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kPortable;
-}
-
-const Isa kIsa = DetectIsa();
+const CpuIsa kIsa = SelectedCpuIsa();
 
 }  // namespace
 
-const char* GemmIsa() {
-  switch (kIsa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "portable";
-  }
-}
-
 int64_t GemmLanes() {
   switch (kIsa) {
-    case Isa::kAvx512: return 16;
-    case Isa::kAvx2: return 8;
+    case CpuIsa::kAvx512: return 16;
+    case CpuIsa::kAvx2: return 8;
     default: return 4;
   }
 }
@@ -80,8 +52,8 @@ void GemmRows(const float* a, int64_t a_row, int64_t a_inner, int64_t inner, con
               int64_t ldb, int64_t cols, float* const* c_rows, int64_t c_offset) {
   switch (kIsa) {
 #ifdef JSPARSE_GEMM_X86
-    case Isa::kAvx512: return avx512::GemmRows(a, a_row, a_inner, inner, b, ldb, cols, c_rows, c_offset);
-    case Isa::kAvx2: return avx2::GemmRows(a, a_row, a_inner, inner, b, ldb, cols, c_rows, c_offset);
+    case CpuIsa::kAvx512: return avx512::GemmRows(a, a_row, a_inner, inner, b, ldb, cols, c_rows, c_offset);
+    case CpuIsa::kAvx2: return avx2::GemmRows(a, a_row, a_inner, inner, b, ldb, cols, c_rows, c_offset);
 #endif
     default: return portable::GemmRows(a, a_row, a_inner, inner, b, ldb, cols, c_rows, c_offset);
   }
@@ -91,8 +63,8 @@ void GemmRowPointers(const float* const* a_rows, int64_t a_offset, int64_t inner
                      int64_t cols, float* const* c_rows, int64_t c_offset) {
   switch (kIsa) {
 #ifdef JSPARSE_GEMM_X86
-    case Isa::kAvx512: return avx512::GemmRowPointers(a_rows, a_offset, inner, b, ldb, cols, c_rows, c_offset);
-    case Isa::kAvx2: return avx2::GemmRowPointers(a_rows, a_offset, inner, b, ldb, cols, c_rows, c_offset);
+    case CpuIsa::kAvx512: return avx512::GemmRowPointers(a_rows, a_offset, inner, b, ldb, cols, c_rows, c_offset);
+    case CpuIsa::kAvx2: return avx2::GemmRowPointers(a_rows, a_offset, inner, b, ldb, cols, c_rows, c_offset);
 #endif
     default: return portable::GemmRowPointers(a_rows, a_offset, inner, b, ldb, cols, c_rows, c_offset);
   }
@@ -102,8 +74,8 @@ void GemmRowsGathered(const float* const* a_rows, int64_t a_offset, const float*
                       int64_t cols, float* const* c_rows, int64_t c_offset) {
   switch (kIsa) {
 #ifdef JSPARSE_GEMM_X86
-    case Isa::kAvx512: return avx512::GemmRowsGathered(a_rows, a_offset, b_rows, inner, cols, c_rows, c_offset);
-    case Isa::kAvx2: return avx2::GemmRowsGathered(a_rows, a_offset, b_rows, inner, cols, c_rows, c_offset);
+    case CpuIsa::kAvx512: return avx512::GemmRowsGathered(a_rows, a_offset, b_rows, inner, cols, c_rows, c_offset);
+    case CpuIsa::kAvx2: return avx2::GemmRowsGathered(a_rows, a_offset, b_rows, inner, cols, c_rows, c_offset);
 #endif
     default: return portable::GemmRowsGathered(a_rows, a_offset, b_rows, inner, cols, c_rows, c_offset);
   }

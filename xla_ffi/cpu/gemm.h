@@ -2,9 +2,8 @@
 // accumulated into rows of C reached through pointers (the rows of an output tile).
 //
 // Every output element is computed by the same instruction sequence whichever rows share its
-// block, so results do not depend on how rows are tiled or which thread runs a tile. The best
-// instruction set is picked once at load time (AVX-512, AVX2 + FMA, or portable SSE2/generic),
-// so the extension loads on any x86-64 or other CPU.
+// block, so results do not depend on how rows are tiled or which thread runs a tile. It runs on
+// the instruction set of cpu_isa.h (AVX-512, AVX2 + FMA, or portable SSE2/generic).
 #pragma once
 
 #include <cstdint>
@@ -13,9 +12,6 @@ namespace jsparse {
 
 // Rows per micro-kernel call; callers pad A with zero rows and point C's spare rows at scratch.
 inline constexpr int kGemmRows = 8;
-
-// The instruction set in use: "avx512", "avx2" or "portable".
-const char* GemmIsa();
 
 // Columns of B and C are processed in vectors of GemmLanes() floats; `cols` must be a multiple
 // of it (callers zero-pad B).

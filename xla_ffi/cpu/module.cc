@@ -5,7 +5,7 @@
 #include <string>
 
 #include "../common/registry.h"
-#include "gemm.h"
+#include "cpu_isa.h"
 
 namespace nb = nanobind;
 
@@ -17,6 +17,6 @@ NB_MODULE(_ffi_cpu, m) {
     for (const auto& [name, handler] : jsparse::FfiTargets()) d[name.c_str()] = nb::capsule(handler);
     return d;
   });
-  // The instruction set of the conv micro-kernel ("avx512", "avx2" or "portable").
-  m.def("gemm_isa", []() { return std::string(jsparse::GemmIsa()); });
+  // The instruction set of the CPU kernels' vector code ("avx512", "avx2" or "portable").
+  m.def("cpu_isa", []() { return std::string(jsparse::CpuIsaName(jsparse::SelectedCpuIsa())); });
 }

@@ -27,6 +27,7 @@
 
 #include "../common/hash.h"
 #include "../common/registry.h"
+#include "cpu_isa.h"
 #include "errors.h"
 #include "parallel.h"
 #include "scratch.h"
@@ -161,27 +162,48 @@ void ComputeCellKeysScalar(const VoxelGeometry& g, const float* points, int64_t 
   }
 }
 
-// The same, kKeyLanes points at a time in vector lanes (the baseline ISA's vector instructions;
-// IEEE division and truncation give the scalar loop's bits), for grids of at most 2**32 cells
-// and tables of at most 2**32 slots, whose keys and slots fit 32-bit lanes.
-constexpr int kKeyLanes = 4;
-using FloatLanes = float __attribute__((vector_size(kKeyLanes * 4)));
-using IntLanes = int32_t __attribute__((vector_size(kKeyLanes * 4)));
-using UintLanes = uint32_t __attribute__((vector_size(kKeyLanes * 4)));
-using Int64Lanes = int64_t __attribute__((vector_size(kKeyLanes * 8)));
-using Uint64Lanes = uint64_t __attribute__((vector_size(kKeyLanes * 8)));
+// GCC vector types of kLanes lanes (a vector_size cannot depend on a template parameter).
+template <int kLanes>
+struct KeyLanes;
+template <>
+struct KeyLanes<4> {
+  typedef float Float __attribute__((vector_size(16)));
+  typedef int32_t Int __attribute__((vector_size(16)));
+  typedef uint32_t Uint __attribute__((vector_size(16)));
+  typedef int64_t Int64 __attribute__((vector_size(32)));
+  typedef uint64_t Uint64 __attribute__((vector_size(32)));
+};
+template <>
+struct KeyLanes<8> {
+  typedef float Float __attribute__((vector_size(32)));
+  typedef int32_t Int __attribute__((vector_size(32)));
+  typedef uint32_t Uint __attribute__((vector_size(32)));
+  typedef int64_t Int64 __attribute__((vector_size(64)));
+  typedef uint64_t Uint64 __attribute__((vector_size(64)));
+};
 
-template <int kNdim>
-void ComputeCellKeys(const VoxelGeometry& g, const float* points, int64_t features, int64_t begin,
-                     int64_t end, uint64_t mask, CellKeys& out) {
+// Keys and first slots kLanes points at a time in vector lanes (IEEE division and truncation give
+// the scalar loop's bits), for grids of at most 2**32 cells and tables of at most 2**32 slots,
+// whose keys and slots fit 32-bit lanes. Always inlined, so that each caller below compiles it
+// for its own instruction set: 8 lanes with AVX2 (under half the time of SSE2's 4 lanes on a
+// nuScenes sweep: SSE2 has no 32-bit lane multiply), else 4.
+template <int kNdim, int kLanes>
+__attribute__((always_inline)) inline void ComputeCellKeysInLanes(const VoxelGeometry& g, const float* points,
+                                                                  int64_t features, int64_t begin, int64_t end,
+                                                                  uint64_t mask, CellKeys& out) {
+  using FloatLanes = typename KeyLanes<kLanes>::Float;
+  using IntLanes = typename KeyLanes<kLanes>::Int;
+  using UintLanes = typename KeyLanes<kLanes>::Uint;
+  using Int64Lanes = typename KeyLanes<kLanes>::Int64;
+  using Uint64Lanes = typename KeyLanes<kLanes>::Uint64;
   int64_t i = begin;
   if (g.cells <= (uint64_t{1} << 32) && mask < (uint64_t{1} << 32)) {
-    for (; i + kKeyLanes <= end; i += kKeyLanes) {
+    for (; i + kLanes <= end; i += kLanes) {
       IntLanes inside = IntLanes{} - 1;
       UintLanes key = {};
       for (int a = 0; a < kNdim; ++a) {
         FloatLanes x;
-        for (int j = 0; j < kKeyLanes; ++j) x[j] = points[(i + j) * features + a];
+        for (int j = 0; j < kLanes; ++j) x[j] = points[(i + j) * features + a];
         const FloatLanes q = (x - g.low[a]) / g.vsize[a];
         const IntLanes finite = (q >= 0.0f) & (q < 2147483648.0f);
         const IntLanes cell = __builtin_convertvector((FloatLanes)((IntLanes)q & finite), IntLanes);
@@ -199,6 +221,27 @@ void ComputeCellKeys(const VoxelGeometry& g, const float* points, int64_t featur
     }
   }
   ComputeCellKeysScalar<kNdim>(g, points, features, i, end, mask, out);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define JSPARSE_VOXELIZE_AVX2 1
+template <int kNdim>
+__attribute__((target("avx2"))) void ComputeCellKeysAvx2(const VoxelGeometry& g, const float* points,
+                                                          int64_t features, int64_t begin, int64_t end,
+                                                          uint64_t mask, CellKeys& out) {
+  ComputeCellKeysInLanes<kNdim, 8>(g, points, features, begin, end, mask, out);
+}
+#endif
+
+template <int kNdim>
+void ComputeCellKeys(const VoxelGeometry& g, const float* points, int64_t features, int64_t begin,
+                     int64_t end, uint64_t mask, CellKeys& out) {
+#ifdef JSPARSE_VOXELIZE_AVX2
+  if (SelectedCpuIsa() != CpuIsa::kPortable) {
+    return ComputeCellKeysAvx2<kNdim>(g, points, features, begin, end, mask, out);
+  }
+#endif
+  ComputeCellKeysInLanes<kNdim, 4>(g, points, features, begin, end, mask, out);
 }
 
 // Outputs of the assign handler.
