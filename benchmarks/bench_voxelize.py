@@ -16,7 +16,10 @@ on XLA's CPU thread pool (all cores this process may use); its outputs have ``ma
 rows, like the buffers spconv fills (spconv then returns views of the used rows). "faults" counts
 the minor page faults per call: whether the allocator reuses memory for XLA's fresh outputs or maps
 it anew (then the kernel zeroes every 4 KiB page on first touch, and a call can take twice as
-long at V=60000) depends on the process's allocation history.
+long at V=60000) depends on the process's allocation history. "steal" is the share of this
+machine's CPU time that its hypervisor gave to other guests while the row was measured (Linux's
+/proc/stat; blank elsewhere): on a shared VM it comes in spells, and a spell costs the 2-thread
+jsparse more than the 1-thread spconv (a task on a stolen core holds up the whole call).
 
   python benchmarks/bench_voxelize.py [--repeats 50] [--no-spconv]
 """
@@ -87,6 +90,18 @@ def median_times(
   return {name: (statistics.median(t), faults[name] / len(t)) for name, t in times.items()}
 
 
+def steal_seconds() -> float | None:
+  """CPU seconds the hypervisor has taken from this machine since boot (all cores), or None."""
+  try:
+    with open("/proc/stat") as stat:
+      fields = stat.readline().split()
+  except OSError:
+    return None
+  if fields[0] != "cpu" or len(fields) < 9:
+    return None
+  return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+
+
 def jitted(backend: str, gen: PointToVoxel, points: jax.Array) -> Callable[[], Any]:
   # A fresh function per backend, traced here: jax.jit caches traces per function object, and
   # the backend is read when tracing.
@@ -128,6 +143,7 @@ def spconv_call(points: np.ndarray, case: tuple) -> Callable[[], Any]:
 COLUMNS = (
   ("case", 52), ("points", 8), ("voxels", 8), ("ref ms", 8), ("FFI ms", 8), ("faults", 7),
   ("reuse ms", 9), ("faults", 7), ("spconv ms", 10), ("spconv/FFI", 11), ("spconv/reuse", 13),
+  ("steal", 7),
 )  # fmt: skip
 
 
@@ -158,7 +174,10 @@ def main() -> None:
     fns = {"ffi": jitted("ffi", gen, device_points), "reuse": reusing(gen, device_points)}
     if with_spconv:
       fns["spconv"] = spconv_call(points, case)
+    steal_before, begin = steal_seconds(), time.perf_counter()
     times = median_times(fns, args.repeats)
+    steal_after, elapsed = steal_seconds(), time.perf_counter() - begin
+    steal = None if steal_before is None else f"{100 * (steal_after - steal_before) / (elapsed * cores):.0f}%"
     (ffi, ffi_faults), (reuse, reuse_faults) = times["ffi"], times["reuse"]
     theirs = times["spconv"][0] if with_spconv else None
     ref = median_times({"ref": jitted("reference", gen, device_points)}, max(3, args.repeats // 10))["ref"][0]
@@ -175,6 +194,7 @@ def main() -> None:
         None if theirs is None else 1e3 * theirs,
         None if theirs is None else f"{theirs / ffi:.1f}x",
         None if theirs is None else f"{theirs / reuse:.1f}x",
+        steal,
       ),
       flush=True,
     )
