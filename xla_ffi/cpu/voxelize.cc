@@ -639,8 +639,15 @@ ffi::Future VoxelizeStore(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyB
     const int64_t begin = task * rows_per_task;
     const int64_t end = std::min(rows_end, begin + rows_per_task);
     const int64_t opened_end = std::clamp(used, begin, end);
-    const int64_t zero_begin = mean ? opened_end : begin, zero_end = std::min(end, zeroed_from);
-    if (zero_begin < zero_end) ClearFloats(voxels + zero_begin * row_floats, voxels + zero_end * row_floats);
+    const int64_t zero_end = std::min(end, zeroed_from);
+    // Rows in use are written without ClearFloats's check: stored points land in most of their
+    // 256-byte blocks, so it would save no writes, and reading a page fresh from the kernel
+    // before writing it costs two page faults (the shared zero page, then a copy) instead of
+    // one. Padding rows are checked: they often are zero already.
+    if (!mean && begin < std::min(opened_end, zero_end)) {
+      std::fill(voxels + begin * row_floats, voxels + std::min(opened_end, zero_end) * row_floats, 0.0f);
+    }
+    if (opened_end < zero_end) ClearFloats(voxels + opened_end * row_floats, voxels + zero_end * row_floats);
     if (begin < opened_end) {
       switch (features) {
         case 4:
