@@ -181,11 +181,11 @@ def test_range_boundaries():
   assert out.coords[:3].tolist() == [[0, 0, 0], [3, 3, 3], [2, 2, 2]]
 
 
-@pytest.mark.parametrize("num", [7, 1027])
+@pytest.mark.parametrize("num", [13, 1027])
 def test_one_cell_across_key_blocks(num):
-  """The FFI kernel computes cell keys four points at a time in vector lanes and the rest of a
-  1024-point chunk one by one; both must send a cell to the same table slot, or the cell would
-  open two voxels."""
+  """The FFI kernel computes cell keys 8 (AVX2) or 4 points at a time in vector lanes and the rest
+  of a 1024-point chunk one by one; both must send a cell to the same table slot, or the cell
+  would open two voxels. 13 points split inside a chunk for either lane count, 1027 across two."""
   points = np.tile(np.array([[0.3, 0.7, 1.1]], np.float32), (num, 1))
   points[::3, 0] = 1.4  # a second cell, interleaved
   kwargs = dict(GEOMETRY[3], max_num_voxels=4, max_num_points_per_voxel=num)

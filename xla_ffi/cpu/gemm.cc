@@ -1,4 +1,4 @@
-// Instantiates gemm_rows.inc for each instruction set and dispatches to the best one the CPU has.
+// Instantiates gemm_rows.inc for each instruction set and dispatches to the one cpu_isa.h selects.
 #include "gemm.h"
 
 #include "cpu_isa.h"
