@@ -9,7 +9,9 @@ built only the reference path runs.
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -502,3 +504,86 @@ def test_bitwise_identical_across_thread_settings():
     assert _digest(one_cpu=True) == threaded
   # The cell keys' vector code: SSE2's 4 lanes give the bits of AVX2's 8 (where the CPU has it).
   assert _digest(isa="portable") == threaded
+
+
+# ---- output memory the kernel knows is zero -------------------------------------------------------
+
+
+def _kernel_tells_zero_pages() -> bool:
+  """Linux 6.11+ (PROCMAP_QUERY), where the CPU kernels can tell never-written pages."""
+  if not sys.platform.startswith("linux") or not _ffi.built("cpu"):
+    return False
+  major, minor = (int(part) for part in platform.release().split(".")[:2])
+  return (major, minor) >= (6, 11)
+
+
+@pytest.mark.skipif(not _kernel_tells_zero_pages(), reason="needs the CPU extension on Linux 6.11+")
+def test_known_zero_pages(tmp_path):
+  """Never-written private anonymous pages are known zero; written ones, and shared or file-backed
+  memory (whose missing pages need not read as zero), are not."""
+  size = 1024 * 4096
+  fresh = np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+  assert _ffi.known_zero_pages(fresh.ctypes.data, size) == 1024
+  assert _ffi.known_zero_pages(fresh.ctypes.data + 4096 + 100, 512 * 4096) == 513  # partial pages count
+  fresh[: 256 * 4096 : 4096] = 1  # the first quarter of the pages
+  assert _ffi.known_zero_pages(fresh.ctypes.data, size) == 768
+  fresh[size // 2] = 0  # a zero written is still a written page: the probe finds it resident
+  assert _ffi.known_zero_pages(fresh.ctypes.data, size) == 0
+  shared = np.frombuffer(mmap.mmap(-1, size), np.uint8)  # MAP_SHARED anonymous: shared memory
+  assert _ffi.known_zero_pages(shared.ctypes.data, size) == 0
+  with open(tmp_path / "sparse", "wb+") as file:
+    file.truncate(size)
+    private_file = np.frombuffer(mmap.mmap(file.fileno(), size, flags=mmap.MAP_PRIVATE), np.uint8)
+    assert _ffi.known_zero_pages(private_file.ctypes.data, size) == 0
+  split = np.zeros(16 << 20, np.uint8)  # numpy advises huge pages inside: several mappings
+  assert _ffi.known_zero_pages(split.ctypes.data, split.nbytes) >= (16 << 20) // 4096 - 1
+
+
+FRESH_KWARGS = dict(
+  voxel_size=(0.5, 0.5, 0.5),
+  coors_range=(0.0,) * 3 + (12.0,) * 3,
+  max_num_voxels=16000,
+  max_num_points_per_voxel=5,
+)
+
+# Run with FRESH_KWARGS defined in front.
+FRESH_OUTPUTS_SCRIPT = """
+import sys, jax.numpy as jnp, numpy as np
+from jsparse import _ffi, ops
+rng = np.random.default_rng(4)
+many = rng.uniform(0, 12, size=(8000, 4)).astype(np.float32)  # about 6000 of 13824 cells
+few = rng.uniform(0, 6, size=(3000, 4)).astype(np.float32)  # fewer voxels, other points
+saved = dict(many=many, few=few)
+first = ops.voxelize(jnp.asarray(many), **FRESH_KWARGS)  # fresh: malloc maps the voxels anew
+saved["untouched"] = _ffi.known_zero_pages(first.voxels.unsafe_buffer_pointer(), first.voxels.nbytes)
+# Over the first's rows, above its never-written padding (reading first.voxels would map it).
+reused = ops.voxelize(jnp.asarray(few), **FRESH_KWARGS, reuse=first.voxels)
+fresh = ops.voxelize(jnp.asarray(many), **FRESH_KWARGS)
+mean = ops.voxelize(jnp.asarray(few), **FRESH_KWARGS, empty_mean=True)
+for prefix, result in (("reused_", reused), ("fresh_", fresh), ("mean_", mean)):
+  saved.update({prefix + name: np.asarray(value) for name, value in result._asdict().items()})
+np.savez(sys.argv[1], **saved)
+"""
+
+
+@pytest.mark.skipif(not _kernel_tells_zero_pages(), reason="needs the CPU extension on Linux 6.11+")
+def test_fresh_output_pages_are_left_untouched(tmp_path):
+  """With malloc mapping every output anew, the kernel leaves the padding rows' never-written
+  pages untouched (they read as zero), and the results equal the reference path's bit for bit:
+  also when a reused buffer holds an earlier result's rows above never-written padding."""
+  env = dict(os.environ, JSPARSE_BACKEND="ffi", MALLOC_MMAP_THRESHOLD_="65536")
+  script = f"FRESH_KWARGS = {FRESH_KWARGS!r}\n{FRESH_OUTPUTS_SCRIPT}"
+  subprocess.run([sys.executable, "-c", script, tmp_path / "out.npz"], env=env, check=True)
+  got = np.load(tmp_path / "out.npz")
+  # 16000 rows of 80 bytes: 313 pages, half or more of them padding past the first result's rows.
+  assert got["untouched"] > 150
+  for prefix, points, empty_mean in (
+    ("reused_", "few", False),
+    ("fresh_", "many", False),
+    ("mean_", "few", True),
+  ):
+    want = run("reference", got[points], empty_mean=empty_mean, **FRESH_KWARGS)
+    for name, expected in zip(want._fields, want):
+      np.testing.assert_array_equal(
+        got[prefix + name].view(np.int32), expected.view(np.int32), err_msg=prefix + name
+      )

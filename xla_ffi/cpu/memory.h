@@ -3,16 +3,20 @@
 // XLA allocates a fresh buffer for each large result, and the allocator often maps it anew (tens
 // of MiB: past malloc's mmap threshold, or trimmed from its heap after the last call), so every
 // 4 KiB page faults on first touch: up to 8192 faults for a [131072, 64] float32 conv output.
-// Asking the kernel for transparent huge pages before the first touch turns them into a few 2 MiB
-// faults (the strided C=64 conv: 33.6-39.6 -> 30.8-31.0 ms in an A/B; the kernel still zeroes the
-// pages). The advice is a hint: where huge pages are off it does nothing, and results never
-// depend on it.
+// - AdviseHugePages: for outputs a kernel writes in full. Asking the kernel for transparent huge
+//   pages before the first touch turns the faults into a few 2 MiB ones (the strided C=64 conv:
+//   33.6-39.6 -> 30.8-31.0 ms in an A/B; the kernel still zeroes the pages). The advice is a
+//   hint: where huge pages are off it does nothing, and results never depend on it.
+// - KnownZeroPages: for outputs that are mostly zeros (the voxelizer's padding rows). Pages
+//   mapped anew read as zero already, so a kernel need not touch them at all.
 #pragma once
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace jsparse {
 
@@ -30,5 +34,57 @@ inline void AdviseHugePages(void* data, size_t bytes) {
   (void)bytes;
 #endif
 }
+
+// The pages of a buffer that are known to read as zero without being touched: private anonymous
+// memory that was never written since it was mapped (or since the kernel took the page back).
+// When malloc maps a large result anew, every page of it is such a page, and reading it faults
+// (about 1 us a page on a VM, to map the shared zero page) and writing it faults and zeroes it
+// (2-3 us); a kernel that would clear rows it does not fill can skip these pages instead. Linux
+// 6.11+ tells which pages they are: PROCMAP_QUERY for the mapping (anonymous, private) and
+// /proc/self/pagemap for the pages (neither present nor swapped out). Elsewhere, and whenever a
+// query fails, no page is known to be zero. Memory that userfaultfd supplies on a fault is the
+// one case this reading cannot see; XLA's allocator never hands out such memory.
+class KnownZeroPages {
+ public:
+  static constexpr uintptr_t kPageBytes = 4096;
+
+  // Queries the pages of [data, data + bytes) only if its middle page is not resident, so a
+  // buffer written before (as a reused one always was) costs one mincore call. (Not its first or
+  // last page: malloc writes chunk headers next to the buffer, on those pages.)
+  KnownZeroPages(const void* data, size_t bytes);
+
+  // Calls fn(part_begin, part_end) for each maximal part of [begin, end) that is not on a page
+  // known to be zero, in order.
+  template <typename T, typename Fn>
+  void ForEachPartNotKnownZero(T* begin, T* end, Fn&& fn) const {
+    if (zero_.empty()) {
+      if (begin < end) fn(begin, end);
+      return;
+    }
+    T* part = begin;  // start of the pending part
+    for (T* p = begin; p < end;) {
+      const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+      T* page_end = std::min(end, reinterpret_cast<T*>((address | (kPageBytes - 1)) + 1));
+      if (IsKnownZero(address)) {
+        if (part < p) fn(part, p);
+        part = page_end;
+      }
+      p = page_end;
+    }
+    if (part < end) fn(part, end);
+  }
+
+  // How many pages are known to be zero (for tests).
+  size_t count() const { return static_cast<size_t>(std::count(zero_.begin(), zero_.end(), true)); }
+
+ private:
+  bool IsKnownZero(uintptr_t address) const {
+    const uintptr_t page = (address - first_page_) / kPageBytes;
+    return address >= first_page_ && page < zero_.size() && zero_[page];
+  }
+
+  uintptr_t first_page_ = 0;
+  std::vector<bool> zero_;  // per page from first_page_; empty when nothing is known
+};
 
 }  // namespace jsparse

@@ -11,6 +11,8 @@
 //    scanning the ids from the row range's first point) while those lines are in cache, the
 //    empty_mean means, the coords (the cell of each voxel's first point), and padding past the
 //    opened voxels (coords -1, count 0).
+// Neither handler zeroes pages the kernel reports as never written (memory.h, KnownZeroPages):
+// when malloc maps the voxels anew, the padding rows are then never touched at all.
 // No output depends on which thread ran what, so outputs are bitwise identical for any thread
 // count. Points with a non-finite or out-of-range cell, and rows at or past num_points, get id -1;
 // points that would open a voxel past max_num_voxels get id -1 but are counted in num_voxels.
@@ -29,6 +31,7 @@
 #include "../common/registry.h"
 #include "cpu_isa.h"
 #include "errors.h"
+#include "memory.h"
 #include "parallel.h"
 #include "scratch.h"
 #include "xla/ffi/api/ffi.h"
@@ -340,10 +343,11 @@ void ClearFloats(float* begin, float* end) {
 // tasks (their cell keys done) zero any rows: all rows need zeros, padding rows and the empty
 // slots of the rows in use, and this overlaps the serial insert. Once it is done, nobody zeroes
 // below the rows in use (`bound`): the store handler zeroes those right before filling them,
-// while they are in cache.
+// while they are in cache. Pages known to be zero (a buffer malloc mapped anew) are skipped.
 struct RowZeroer {
   RowZeroer(float* voxels, int64_t max_voxels, int64_t row_floats, int64_t block_rows)
-      : voxels(voxels), row_floats(row_floats), block_rows(block_rows), top(max_voxels) {}
+      : voxels(voxels), row_floats(row_floats), block_rows(block_rows), top(max_voxels),
+        zero_pages(voxels, max_voxels * row_floats * sizeof(float)) {}
 
   // Zeroes blocks until `top` reaches the bound.
   void ZeroToBound() {
@@ -352,7 +356,7 @@ struct RowZeroer {
       const int64_t start = std::max(t - block_rows, bound.load(std::memory_order_relaxed));
       if (start >= t) return;
       if (top.compare_exchange_weak(t, start, std::memory_order_relaxed)) {
-        ClearFloats(voxels + start * row_floats, voxels + t * row_floats);
+        zero_pages.ForEachPartNotKnownZero(voxels + start * row_floats, voxels + t * row_floats, ClearFloats);
       }
     }
   }
@@ -361,6 +365,7 @@ struct RowZeroer {
   const int64_t row_floats, block_rows;
   std::atomic<int64_t> top;
   std::atomic<int64_t> bound{0};  // the inserter raises it to the rows in use
+  const KnownZeroPages zero_pages;
 };
 
 template <typename Table>
@@ -631,6 +636,7 @@ ffi::Future VoxelizeStore(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyB
   int32_t* counts = counts_out->typed_data<int32_t>();
   std::fill(coords + rows_end * ndim, coords + max_voxels * ndim, -1);
   std::fill(counts + rows_end, counts + max_voxels, 0);
+  auto zero_pages = std::make_shared<const KnownZeroPages>(voxels, rows_end * row_floats * sizeof(float));
   return ParallelFor(pool, std::max<int64_t>(1, row_tasks), [=](int64_t task) {
     // Rows [begin, end) front to back: zeros in one pass where the assign handler did not write
     // them (with empty_mean only past the opened voxels: the mean fills their empty slots), then
@@ -643,11 +649,14 @@ ffi::Future VoxelizeStore(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyB
     // Rows in use are written without ClearFloats's check: stored points land in most of their
     // 256-byte blocks, so it would save no writes, and reading a page fresh from the kernel
     // before writing it costs two page faults (the shared zero page, then a copy) instead of
-    // one. Padding rows are checked: they often are zero already.
-    if (!mean && begin < std::min(opened_end, zero_end)) {
-      std::fill(voxels + begin * row_floats, voxels + std::min(opened_end, zero_end) * row_floats, 0.0f);
+    // one. Padding rows are checked: they often are zero already. Neither is zeroed on pages
+    // known to be zero.
+    auto fill_zeros = [](float* part_begin, float* part_end) { std::fill(part_begin, part_end, 0.0f); };
+    if (!mean) {
+      zero_pages->ForEachPartNotKnownZero(voxels + begin * row_floats,
+                                          voxels + std::min(opened_end, zero_end) * row_floats, fill_zeros);
     }
-    if (opened_end < zero_end) ClearFloats(voxels + opened_end * row_floats, voxels + zero_end * row_floats);
+    zero_pages->ForEachPartNotKnownZero(voxels + opened_end * row_floats, voxels + zero_end * row_floats, ClearFloats);
     if (begin < opened_end) {
       switch (features) {
         case 4:

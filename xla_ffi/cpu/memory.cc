@@ -1,0 +1,90 @@
+// KnownZeroPages: which pages of a buffer read as zero without being touched (memory.h).
+#include "memory.h"
+
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+namespace jsparse {
+namespace {
+
+#if defined(__linux__)
+// struct procmap_query and its ioctl from Linux 6.11's <linux/fs.h> (a fixed ABI; older headers
+// lack it, and older kernels answer the ioctl with an error).
+struct ProcmapQuery {
+  uint64_t size;
+  uint64_t query_flags;
+  uint64_t query_addr;
+  uint64_t vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode;
+  uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
+  uint64_t vma_name_addr, build_id_addr;
+};
+static_assert(sizeof(ProcmapQuery) == 104);
+constexpr unsigned long kProcmapQuery = _IOWR('f', 17, ProcmapQuery);
+constexpr uint64_t kVmaReadable = 0x01, kVmaWritable = 0x02, kVmaShared = 0x08;
+
+// /proc/self/pagemap entry bits: the page is present, or swapped out.
+constexpr uint64_t kPagePresent = uint64_t{1} << 63, kPageSwapped = uint64_t{1} << 62;
+
+// An open file of /proc/self, closed on scope exit (opened per query: a descriptor kept open
+// would describe the parent after a fork).
+struct ProcFile {
+  explicit ProcFile(const char* path) : fd(open(path, O_RDONLY | O_CLOEXEC)) {}
+  ~ProcFile() {
+    if (fd >= 0) close(fd);
+  }
+  const int fd;
+};
+
+// Whether pages [first, last) lie in readable, writable, private, anonymous mappings of 4 KiB
+// pages (one or a few: madvise splits a mapping), where a page with no page-table entry reads as
+// zero.
+bool InPrivateAnonymousMappings(uintptr_t first, uintptr_t last) {
+  ProcFile maps("/proc/self/maps");
+  if (maps.fd < 0) return false;
+  for (int mappings = 0; first < last && mappings < 16; ++mappings) {
+    ProcmapQuery query{};
+    query.size = sizeof(query);
+    query.query_addr = first;  // the mapping that contains it
+    if (ioctl(maps.fd, kProcmapQuery, &query) != 0) return false;
+    const uint64_t required = kVmaReadable | kVmaWritable;
+    if (query.vma_start > first || query.vma_end <= first || (query.vma_flags & required) != required ||
+        (query.vma_flags & kVmaShared) || query.inode != 0 || query.dev_major != 0 || query.dev_minor != 0 ||
+        query.vma_page_size != KnownZeroPages::kPageBytes) {
+      return false;
+    }
+    first = query.vma_end;
+  }
+  return first >= last;
+}
+#endif
+
+}  // namespace
+
+KnownZeroPages::KnownZeroPages(const void* data, size_t bytes) {
+#if defined(__linux__)
+  if (bytes < 3 * kPageBytes || sysconf(_SC_PAGESIZE) != static_cast<long>(kPageBytes)) return;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(data) & ~(kPageBytes - 1);
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(data) + bytes + kPageBytes - 1) & ~(kPageBytes - 1);
+  unsigned char resident = 1;
+  const uintptr_t middle = first + (last - first) / kPageBytes / 2 * kPageBytes;
+  if (mincore(reinterpret_cast<void*>(middle), kPageBytes, &resident) != 0 || (resident & 1)) return;
+  if (!InPrivateAnonymousMappings(first, last)) return;
+  std::vector<uint64_t> entries((last - first) / kPageBytes);
+  ProcFile pagemap("/proc/self/pagemap");
+  const size_t entry_bytes = entries.size() * sizeof(uint64_t);
+  if (pagemap.fd < 0 || pread(pagemap.fd, entries.data(), entry_bytes, static_cast<off_t>(first / kPageBytes *
+                                                                                         sizeof(uint64_t))) !=
+                            static_cast<ssize_t>(entry_bytes)) {
+    return;
+  }
+  first_page_ = first;
+  zero_.resize(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) zero_[i] = (entries[i] & (kPagePresent | kPageSwapped)) == 0;
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+}  // namespace jsparse
