@@ -5,6 +5,9 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <iterator>
+#include <vector>
+
 namespace jsparse {
 namespace {
 
@@ -23,8 +26,17 @@ static_assert(sizeof(ProcmapQuery) == 104);
 constexpr unsigned long kProcmapQuery = _IOWR('f', 17, ProcmapQuery);
 constexpr uint64_t kVmaReadable = 0x01, kVmaWritable = 0x02, kVmaShared = 0x08;
 
-// /proc/self/pagemap entry bits: the page is present, or swapped out.
-constexpr uint64_t kPagePresent = uint64_t{1} << 63, kPageSwapped = uint64_t{1} << 62;
+// struct pm_scan_arg, struct page_region and the ioctl from Linux 6.7's <linux/fs.h>.
+struct PagemapScanArg {
+  uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+  uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+static_assert(sizeof(PagemapScanArg) == 96);
+struct PageRegion {
+  uint64_t start, end, categories;
+};
+constexpr unsigned long kPagemapScan = _IOWR('f', 16, PagemapScanArg);
+constexpr uint64_t kPageIsPresent = 1 << 3, kPageIsSwapped = 1 << 4;
 
 // An open file of /proc/self, closed on scope exit (opened per query: a descriptor kept open
 // would describe the parent after a fork).
@@ -70,17 +82,25 @@ KnownZeroPages::KnownZeroPages(const void* data, size_t bytes) {
   const uintptr_t middle = first + (last - first) / kPageBytes / 2 * kPageBytes;
   if (mincore(reinterpret_cast<void*>(middle), kPageBytes, &resident) != 0 || (resident & 1)) return;
   if (!InPrivateAnonymousMappings(first, last)) return;
-  std::vector<uint64_t> entries((last - first) / kPageBytes);
   ProcFile pagemap("/proc/self/pagemap");
-  const size_t entry_bytes = entries.size() * sizeof(uint64_t);
-  if (pagemap.fd < 0 || pread(pagemap.fd, entries.data(), entry_bytes, static_cast<off_t>(first / kPageBytes *
-                                                                                         sizeof(uint64_t))) !=
-                            static_cast<ssize_t>(entry_bytes)) {
-    return;
+  if (pagemap.fd < 0) return;
+  PageRegion regions[64];
+  PagemapScanArg scan{};
+  scan.size = sizeof(scan);
+  scan.start = first;
+  scan.end = last;
+  scan.vec = reinterpret_cast<uint64_t>(regions);
+  scan.vec_len = std::size(regions);
+  // The pages that are neither present nor swapped out, as ranges.
+  scan.category_inverted = scan.category_mask = scan.return_mask = kPageIsPresent | kPageIsSwapped;
+  std::vector<Range> zero;
+  while (scan.start < scan.end) {  // more than one call only if `regions` fills up
+    const long found = ioctl(pagemap.fd, kPagemapScan, &scan);
+    if (found < 0 || scan.walk_end <= scan.start) return;
+    for (long i = 0; i < found; ++i) zero.push_back(Range{regions[i].start, regions[i].end});
+    scan.start = scan.walk_end;
   }
-  first_page_ = first;
-  zero_.resize(entries.size());
-  for (size_t i = 0; i < entries.size(); ++i) zero_[i] = (entries[i] & (kPagePresent | kPageSwapped)) == 0;
+  zero_ = std::move(zero);
 #else
   (void)data;
   (void)bytes;

@@ -22,7 +22,9 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <new>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -346,26 +348,29 @@ void ClearFloats(float* begin, float* end) {
 // while they are in cache. Pages known to be zero (a buffer malloc mapped anew) are skipped.
 struct RowZeroer {
   RowZeroer(float* voxels, int64_t max_voxels, int64_t row_floats, int64_t block_rows)
-      : voxels(voxels), row_floats(row_floats), block_rows(block_rows), top(max_voxels),
-        zero_pages(voxels, max_voxels * row_floats * sizeof(float)) {}
+      : voxels(voxels), max_voxels(max_voxels), row_floats(row_floats), block_rows(block_rows), top(max_voxels) {}
 
   // Zeroes blocks until `top` reaches the bound.
   void ZeroToBound() {
+    // The first task here asks which pages are known zero: usually a helper, while the inserter
+    // runs.
+    std::call_once(zero_pages_once, [this] { zero_pages.emplace(voxels, max_voxels * row_floats * sizeof(float)); });
     for (;;) {
       int64_t t = top.load(std::memory_order_relaxed);
       const int64_t start = std::max(t - block_rows, bound.load(std::memory_order_relaxed));
       if (start >= t) return;
       if (top.compare_exchange_weak(t, start, std::memory_order_relaxed)) {
-        zero_pages.ForEachPartNotKnownZero(voxels + start * row_floats, voxels + t * row_floats, ClearFloats);
+        zero_pages->ForEachPartNotKnownZero(voxels + start * row_floats, voxels + t * row_floats, ClearFloats);
       }
     }
   }
 
   float* const voxels;
-  const int64_t row_floats, block_rows;
+  const int64_t max_voxels, row_floats, block_rows;
   std::atomic<int64_t> top;
   std::atomic<int64_t> bound{0};  // the inserter raises it to the rows in use
-  const KnownZeroPages zero_pages;
+  std::once_flag zero_pages_once;
+  std::optional<KnownZeroPages> zero_pages;
 };
 
 template <typename Table>
