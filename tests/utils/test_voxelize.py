@@ -12,6 +12,7 @@ import math
 import mmap
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -513,17 +514,23 @@ def _kernel_tells_zero_pages() -> bool:
   """Linux 6.11+ (PROCMAP_QUERY), where the CPU kernels can tell never-written pages."""
   if not sys.platform.startswith("linux") or not _ffi.built("cpu"):
     return False
-  major, minor = (int(part) for part in platform.release().split(".")[:2])
-  return (major, minor) >= (6, 11)
+  version = re.match(r"(\d+)\.(\d+)", platform.release())
+  return version is not None and (int(version[1]), int(version[2])) >= (6, 11)
 
 
 @pytest.mark.skipif(not _kernel_tells_zero_pages(), reason="needs the CPU extension on Linux 6.11+")
-def test_known_zero_pages(tmp_path):
+def test_known_zero_pages(tmp_path, monkeypatch):
   """Never-written private anonymous pages are known zero; written ones, and shared or file-backed
-  memory (whose missing pages need not read as zero), are not."""
+  memory (whose missing pages need not read as zero), are not. JSPARSE_KNOWN_ZERO_PAGES=0 says
+  none is."""
   size = 1024 * 4096
-  fresh = np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+  anonymous = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+  anonymous.madvise(mmap.MADV_NOHUGEPAGE)  # one write must map one 4 KiB page, not 2 MiB
+  fresh = np.frombuffer(anonymous, np.uint8)
   assert _ffi.known_zero_pages(fresh.ctypes.data, size) == 1024
+  monkeypatch.setenv("JSPARSE_KNOWN_ZERO_PAGES", "0")
+  assert _ffi.known_zero_pages(fresh.ctypes.data, size) == 0
+  monkeypatch.delenv("JSPARSE_KNOWN_ZERO_PAGES")
   assert _ffi.known_zero_pages(fresh.ctypes.data + 4096 + 100, 512 * 4096) == 513  # partial pages count
   fresh[: 256 * 4096 : 4096] = 1  # the first quarter of the pages
   assert _ffi.known_zero_pages(fresh.ctypes.data, size) == 768

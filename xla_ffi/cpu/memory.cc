@@ -5,6 +5,8 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <iterator>
 #include <vector>
 
@@ -73,9 +75,12 @@ bool InPrivateAnonymousMappings(uintptr_t first, uintptr_t last) {
 
 }  // namespace
 
-KnownZeroPages::KnownZeroPages(const void* data, size_t bytes) {
+KnownZeroPages::KnownZeroPages(const void* data, size_t bytes) noexcept {
 #if defined(__linux__)
   if (bytes < 3 * kPageBytes || sysconf(_SC_PAGESIZE) != static_cast<long>(kPageBytes)) return;
+  if (const char* enabled = std::getenv("JSPARSE_KNOWN_ZERO_PAGES"); enabled && std::strcmp(enabled, "0") == 0) {
+    return;
+  }
   const uintptr_t first = reinterpret_cast<uintptr_t>(data) & ~(kPageBytes - 1);
   const uintptr_t last = (reinterpret_cast<uintptr_t>(data) + bytes + kPageBytes - 1) & ~(kPageBytes - 1);
   unsigned char resident = 1;
@@ -84,7 +89,7 @@ KnownZeroPages::KnownZeroPages(const void* data, size_t bytes) {
   if (!InPrivateAnonymousMappings(first, last)) return;
   ProcFile pagemap("/proc/self/pagemap");
   if (pagemap.fd < 0) return;
-  PageRegion regions[64];
+  PageRegion regions[64];  // at most 512: the kernel's own buffer
   PagemapScanArg scan{};
   scan.size = sizeof(scan);
   scan.start = first;
@@ -94,11 +99,17 @@ KnownZeroPages::KnownZeroPages(const void* data, size_t bytes) {
   // The pages that are neither present nor swapped out, as ranges.
   scan.category_inverted = scan.category_mask = scan.return_mask = kPageIsPresent | kPageIsSwapped;
   std::vector<Range> zero;
-  while (scan.start < scan.end) {  // more than one call only if `regions` fills up
-    const long found = ioctl(pagemap.fd, kPagemapScan, &scan);
-    if (found < 0 || scan.walk_end <= scan.start) return;
-    for (long i = 0; i < found; ++i) zero.push_back(Range{regions[i].start, regions[i].end});
-    scan.start = scan.walk_end;
+  try {
+    while (scan.start < scan.end) {  // more than one call only if `regions` fills up
+      const long found = ioctl(pagemap.fd, kPagemapScan, &scan);
+      if (found < 0 || scan.walk_end <= scan.start) return;
+      for (long i = 0; i < found; ++i) {
+        zero.push_back(Range{static_cast<uintptr_t>(regions[i].start), static_cast<uintptr_t>(regions[i].end)});
+      }
+      scan.start = scan.walk_end;
+    }
+  } catch (...) {  // out of memory: nothing is known
+    return;
   }
   zero_ = std::move(zero);
 #else

@@ -42,30 +42,34 @@ inline void AdviseHugePages(void* data, size_t bytes) {
 // (2-3 us); a kernel that would clear rows it does not fill can skip these pages instead. Linux
 // 6.11+ tells which pages they are: PROCMAP_QUERY for the mapping (anonymous, private) and
 // PAGEMAP_SCAN for the pages (neither present nor swapped out). Elsewhere, and whenever a query
-// fails, no page is known to be zero. Memory that userfaultfd supplies on a fault is the one case
-// this reading cannot see; XLA's allocator never hands out such memory.
+// fails, no page is known to be zero. Memory that userfaultfd supplies on a fault (as a CRIU
+// lazy-pages restore does) is the one case this reading cannot see: JSPARSE_KNOWN_ZERO_PAGES=0
+// turns the skipping off.
 class KnownZeroPages {
  public:
   static constexpr uintptr_t kPageBytes = 4096;
 
   // Queries the pages of [data, data + bytes) (15-60 us) only if its middle page is not resident,
   // so a buffer written before (as a reused one always was) costs one mincore call. (Not its
-  // first or last page: malloc writes chunk headers next to the buffer, on those pages.)
-  KnownZeroPages(const void* data, size_t bytes);
+  // first or last page: malloc writes chunk headers next to the buffer, on those pages.) Never
+  // throws: any failure leaves no page known to be zero.
+  KnownZeroPages(const void* data, size_t bytes) noexcept;
 
   // Calls fn(part_begin, part_end) for each maximal part of [begin, end) that is not on a page
   // known to be zero, in order.
   template <typename T, typename Fn>
   void ForEachPartNotKnownZero(T* begin, T* end, Fn&& fn) const {
-    T* part = begin;  // start of the pending part
-    const auto after_begin = [](const Range& r, uintptr_t address) { return r.end <= address; };
-    auto r = std::lower_bound(zero_.begin(), zero_.end(), reinterpret_cast<uintptr_t>(begin), after_begin);
-    for (; r != zero_.end() && r->begin < reinterpret_cast<uintptr_t>(end); ++r) {
-      T* zero_begin = std::max(begin, reinterpret_cast<T*>(r->begin));
-      if (part < zero_begin) fn(part, zero_begin);
-      part = std::min(end, reinterpret_cast<T*>(r->end));
+    if (!(begin < end)) return;
+    const uintptr_t first = reinterpret_cast<uintptr_t>(begin), last = reinterpret_cast<uintptr_t>(end);
+    uintptr_t part = first;  // start of the pending part
+    const auto before = [](const Range& r, uintptr_t address) { return r.end <= address; };
+    for (auto r = std::lower_bound(zero_.begin(), zero_.end(), first, before); r != zero_.end() && r->begin < last;
+         ++r) {
+      const uintptr_t zero_begin = std::max(first, r->begin);
+      if (part < zero_begin) fn(reinterpret_cast<T*>(part), reinterpret_cast<T*>(zero_begin));
+      part = std::min(last, r->end);
     }
-    if (part < end) fn(part, end);
+    if (part < last) fn(reinterpret_cast<T*>(part), end);
   }
 
   // How many pages are known to be zero (for tests).
