@@ -511,14 +511,19 @@ def test_bitwise_identical_across_thread_settings():
 
 
 def _kernel_tells_zero_pages() -> bool:
-  """Linux 6.11+ (PROCMAP_QUERY), where the CPU kernels can tell never-written pages."""
-  if not sys.platform.startswith("linux") or not _ffi.built("cpu"):
+  """Linux 6.11+ (PROCMAP_QUERY) with /proc/self/pagemap, where the CPU kernels can tell
+  never-written pages."""
+  if (
+    not sys.platform.startswith("linux") or not _ffi.built("cpu") or not os.path.exists("/proc/self/pagemap")
+  ):
     return False
   version = re.match(r"(\d+)\.(\d+)", platform.release())
   return version is not None and (int(version[1]), int(version[2])) >= (6, 11)
 
 
-@pytest.mark.skipif(not _kernel_tells_zero_pages(), reason="needs the CPU extension on Linux 6.11+")
+@pytest.mark.skipif(
+  not _kernel_tells_zero_pages(), reason="needs the CPU extension on Linux 6.11+ with /proc/self/pagemap"
+)
 def test_known_zero_pages(tmp_path, monkeypatch):
   """Never-written private anonymous pages are known zero; written ones, and shared or file-backed
   memory (whose missing pages need not read as zero), are not. JSPARSE_KNOWN_ZERO_PAGES=0 says
@@ -573,7 +578,9 @@ np.savez(sys.argv[1], **saved)
 """
 
 
-@pytest.mark.skipif(not _kernel_tells_zero_pages(), reason="needs the CPU extension on Linux 6.11+")
+@pytest.mark.skipif(
+  not _kernel_tells_zero_pages(), reason="needs the CPU extension on Linux 6.11+ with /proc/self/pagemap"
+)
 def test_fresh_output_pages_are_left_untouched(tmp_path):
   """With malloc mapping every output anew, the kernel leaves the padding rows' never-written
   pages untouched (they read as zero), and the results equal the reference path's bit for bit:
