@@ -17,7 +17,7 @@ rows, like the buffers spconv fills (spconv then returns views of the used rows)
 the minor page faults per call: whether the allocator reuses memory for XLA's fresh outputs or maps
 it anew depends on the process's allocation history, and changes from call to call. A call that
 gets new memory faults on every 4 KiB page it writes: the rows in use, about 1000 faults at
-V=60000, which make it 2-2.5x as slow on this VM. On Linux 6.11+ jsparse leaves the padding rows'
+V=60000, which make it 2-3x as slow on this VM. On Linux 6.11+ jsparse leaves the padding rows'
 never-written pages untouched; elsewhere it reads them too (3250 faults, 3-4x as slow). "steal" is
 the share of this machine's CPU time that its hypervisor gave to other guests while the row was
 measured (Linux's /proc/stat; blank elsewhere): on a shared VM it comes in spells, and a spell
