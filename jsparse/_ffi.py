@@ -50,11 +50,3 @@ def cpu_isa() -> str | None:
   """The instruction set of the CPU kernels' vector code ("avx512", "avx2", "portable"), or None."""
   module = _extension("cpu")
   return None if module is None else module.cpu_isa()
-
-
-def known_zero_pages(address: int, nbytes: int) -> int:
-  """How many 4 KiB pages of the memory ``[address, address + nbytes)`` the CPU kernels know to
-  read as zero without touching them (never-written private anonymous memory; Linux 6.11+, else
-  0). Output kernels skip zeroing those pages. For tests: the memory must stay mapped."""
-  module = _extension("cpu")
-  return 0 if module is None else module.known_zero_pages(address, nbytes)

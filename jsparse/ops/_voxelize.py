@@ -13,8 +13,9 @@ Semantics (``voxel_size`` and ``coors_range`` in xyz, outputs in zyx), per axis 
   spconv's CPU version accumulates across voxels, issue 477).
 
 Two backends (:func:`jsparse.backend`) with bitwise identical results: the FFI kernels
-(``xla_ffi/cpu/voxelize.cc``: first-come ids from a hash table of cell keys while other threads
-compute the keys ahead and then zero voxel rows, then all threads fill the voxel rows) and a jnp
+(``xla_ffi/cpu/voxelize.cc``: cell keys in parallel, first-come ids from one thread's walk
+through a hash table of them, then the voxel rows in parallel, padding rows while the ids are
+being assigned) and a jnp
 reference that sorts points by cell. Under ``vmap`` each cloud is voxelized on its own (the FFI
 kernels run once per cloud).
 """
@@ -32,8 +33,7 @@ from jax import lax
 
 from jsparse.ops import _backend
 
-_ASSIGN = "jsparse_voxelize_assign"
-_STORE = "jsparse_voxelize_store"
+_TARGET = "jsparse_voxelize"
 # Cells are compared in float before any integer conversion: q < 2**31 keeps it defined.
 _CELL_LIMIT = np.float32(2**31)
 
@@ -180,27 +180,20 @@ def _fill_empty_with_mean(voxels: jax.Array, counts: jax.Array) -> jax.Array:
   return jnp.where(empty[:, :, None], mean[:, None, :], voxels)
 
 
-def _handlers(num_points, features, ndim, max_voxels, max_points, reuse):
-  """The two FFI calls, ``(assign, store)``; with ``reuse`` the assign call aliases its third
-  argument (a donated old voxels array, never read) to the voxels it returns."""
+def _handler(num_points, features, ndim, max_voxels, max_points, reuse):
+  """The FFI call; with ``reuse`` it aliases its third argument (a donated old voxels array,
+  never read) to the voxels it returns."""
 
   def int32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
   voxels = jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32)
-  assign = jax.ffi.ffi_call(
-    _ASSIGN,
-    (voxels, int32(num_points), int32(max_voxels), int32(), int32()),
+  return jax.ffi.ffi_call(
+    _TARGET,
+    (voxels, int32(max_voxels, ndim), int32(max_voxels), int32(num_points), int32()),
     input_output_aliases={2: 0} if reuse else None,
     vmap_method="sequential",
   )
-  store = jax.ffi.ffi_call(
-    _STORE,
-    (voxels, int32(max_voxels, ndim), int32(max_voxels)),
-    input_output_aliases={5: 0},
-    vmap_method="sequential",
-  )
-  return assign, store
 
 
 def _geometry_attributes(vsize, low, grid):
@@ -213,18 +206,12 @@ def _geometry_attributes(vsize, low, grid):
 
 
 def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, empty_mean, reuse=None):
-  # Two calls (each handler has one parallel phase): first-come ids and each voxel's first point
-  # (the other threads zero voxel rows meanwhile), then the voxel rows, coords and counts.
-  assign, store = _handlers(
-    points.shape[0], points.shape[1], len(grid), max_voxels, max_points, reuse is not None
-  )
-  geometry = _geometry_attributes(vsize, low, grid)
+  call = _handler(points.shape[0], points.shape[1], len(grid), max_voxels, max_points, reuse is not None)
   reused = jnp.zeros(0, jnp.float32) if reuse is None else reuse
-  voxels, ids, first_point, num_voxels, zeroed_from = assign(points, num_points, reused, **geometry)
-  voxels, coords, counts = store(
-    points, ids, first_point, num_voxels, zeroed_from, voxels, **geometry, empty_mean=np.int64(empty_mean)
+  outputs = call(
+    points, num_points, reused, **_geometry_attributes(vsize, low, grid), empty_mean=np.int64(empty_mean)
   )
-  return Voxels(voxels, coords, counts, ids, num_voxels)
+  return Voxels(*outputs)
 
 
 def _voxelize(
@@ -252,7 +239,7 @@ def _voxelize(
     reuse: optional float32 ``[V, M, F]``, the ``voxels`` of an earlier result that is no longer
       needed. It is donated (treat it as consumed): the FFI kernel writes the new voxels into its
       memory, as spconv refills its buffers, so a stream of clouds does not allocate a fresh
-      ``V * M * F`` array each call, whose pages the kernel may have to map and zero again.
+      ``V * M * F`` array each call.
       Inside your own ``jax.jit``, donate it there (``donate_argnums``), or XLA copies it.
 
   Returns:
@@ -300,7 +287,7 @@ def _voxelize(
   )
   # The reference path ignores `reuse` (jit then drops the unused argument instead of consuming it).
   return _backend.dispatch(
-    _ASSIGN,
+    _TARGET,
     lambda pts, n, *buffer: _voxelize_ffi(pts, n, *static, *buffer),
     lambda pts, n, *buffer: _voxelize_reference(pts, n, *static),
     points,

@@ -9,10 +9,7 @@ built only the reference path runs.
 from __future__ import annotations
 
 import math
-import mmap
 import os
-import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -310,55 +307,41 @@ def test_validation_errors():
     ops.voxelize(points, **good, max_num_voxels=0, max_num_points_per_voxel=2)
 
 
-def _handlers(max_voxels, max_points, features, num_points, ndim):
-  """The two FFI handlers of the voxelizer, as ``ops.voxelize`` calls them (no reuse)."""
+def _handler(max_voxels, max_points, features, num_points, ndim, reuse=False):
+  """The voxelizer's FFI handler, as ``ops.voxelize`` calls it."""
   _ffi.targets("cpu")
-  return ops._voxelize._handlers(num_points, features, ndim, max_voxels, max_points, reuse=False)
+  return ops._voxelize._handler(num_points, features, ndim, max_voxels, max_points, reuse=reuse)
 
 
 @pytest.mark.skipif(not _ffi.built("cpu"), reason="the C++ extension is not built")
 def test_ffi_rejects_bad_attributes():
-  """The handlers validate on their own (for callers that bypass the Python checks)."""
-  assign, store = _handlers(4, 2, 3, 5, 3)
-  good = dict(range_min=np.zeros(3, np.float32), grid_size=np.array([2, 2, 2], np.int64))
+  """The handler validates on its own (for callers that bypass the Python checks)."""
+  good = dict(
+    range_min=np.zeros(3, np.float32), grid_size=np.array([2, 2, 2], np.int64), empty_mean=np.int64(0)
+  )
   unused = jnp.zeros(0, jnp.float32)  # the reused-voxels argument
+
+  def call(points, features=3, voxel_size=(1.0, 1.0, 1.0)):
+    handler = _handler(4, 2, features, len(points), 3)
+    vsize = np.asarray(voxel_size, np.float32)
+    return jax.block_until_ready(handler(jnp.asarray(points), jnp.int32(5), unused, voxel_size=vsize, **good))
+
   with pytest.raises(Exception, match="voxel_size must be positive"):
-    jax.block_until_ready(
-      assign(
-        jnp.zeros((5, 3), jnp.float32),
-        jnp.int32(5),
-        unused,
-        voxel_size=np.array([1, -1, 1], np.float32),
-        **good,
-      )
-    )
+    call(np.zeros((5, 3), np.float32), voxel_size=(1.0, -1.0, 1.0))
   with pytest.raises(Exception, match=r"points must be float32 \[P, F\] with F >= 3"):
-    jax.block_until_ready(
-      assign(jnp.zeros((5, 2), jnp.float32), jnp.int32(5), unused, voxel_size=np.ones(3, np.float32), **good)
-    )
+    call(np.zeros((5, 2), np.float32), features=2)
   with pytest.raises(Exception, match=r"voxels must be float32 \[max_num_voxels, max_points_per_voxel, F\]"):
-    jax.block_until_ready(
-      assign(jnp.zeros((5, 4), jnp.float32), jnp.int32(5), unused, voxel_size=np.ones(3, np.float32), **good)
-    )
-  points, ids = jnp.zeros((5, 3), jnp.float32), jnp.zeros(4, jnp.int32)  # ids not [P]
-  first_point, voxels = jnp.zeros(4, jnp.int32), jnp.zeros((4, 2, 3), jnp.float32)
-  with pytest.raises(Exception, match="jsparse_voxelize_store: expects"):
-    jax.block_until_ready(
-      store(
-        points, ids, first_point, jnp.int32(0), jnp.int32(0), voxels, voxel_size=np.ones(3, np.float32),
-        **good, empty_mean=np.int64(0),
-      )
-    )  # fmt: skip
+    call(np.zeros((5, 4), np.float32))
 
 
 @pytest.mark.skipif(not _ffi.built("cpu"), reason="the C++ extension is not built")
 @pytest.mark.parametrize("empty_mean", [False, True])
-def test_store_completes_rows_for_any_zeroed_from(empty_mean):
-  """The assign handler zeroes voxel rows [zeroed_from, V) while it inserts, as far as it gets
-  (timing decides), and the store handler completes every row whatever the split: rows below
-  zeroed_from arrive as garbage (NaN here). Each split, including ones inside and at the edges of
-  the store's row tasks (8192 rows of 2 x 4 floats) and inside the opened voxels, gives the
-  specification's result. 12,000 points in distinct-enough cells open over 8192 voxels."""
+def test_every_row_of_a_reused_buffer_is_overwritten(empty_mean):
+  """A donated buffer arrives with anything in it (NaN here): the handler writes every row, rows
+  in use and padding, across the edges of its row tasks (8192 rows of 2 x 4 floats), and gives the
+  specification's result. 12,000 points in distinct-enough cells open over 8192 voxels; 20,000
+  rows leave padding both below and past the number of points (rows that need not wait for the
+  ids)."""
   rng = np.random.default_rng(11)
   points = np.concatenate(
     [rng.uniform(0, 40, size=(12000, 3)), rng.standard_normal((12000, 1))], axis=1
@@ -366,24 +349,15 @@ def test_store_completes_rows_for_any_zeroed_from(empty_mean):
   geometry = dict(voxel_size=(0.5, 0.5, 0.5), coors_range=(0.0, 0.0, 0.0, 40.0, 40.0, 40.0))
   max_voxels, max_points = 20000, 2
   want = oracle(points, **geometry, max_voxels=max_voxels, max_points=max_points, empty_mean=empty_mean)
-  used = want[4]
-  assert 8192 < used < 12000
-  assign, store = _handlers(max_voxels, max_points, 4, len(points), 3)
+  assert 8192 < want[4] < 12000
+  handler = _handler(max_voxels, max_points, 4, len(points), 3, reuse=True)
   attributes = ops._voxelize._geometry_attributes(*ops._voxelize._geometry(**geometry))
-  _, ids, first_point, num_voxels, _ = assign(
-    jnp.asarray(points), jnp.int32(len(points)), jnp.zeros(0, jnp.float32), **attributes
+  arriving = jnp.full((max_voxels, max_points, 4), jnp.nan, jnp.float32)
+  got = handler(
+    jnp.asarray(points), jnp.int32(len(points)), arriving, **attributes, empty_mean=np.int64(empty_mean)
   )
-  np.testing.assert_array_equal(np.asarray(ids), want[3])
-  assert int(num_voxels) == used
-  for zeroed_from in (0, 100, 8192, used - 1, used, used + 5, 16384, max_voxels):
-    arriving = np.zeros((max_voxels, max_points, 4), np.float32)
-    arriving[:zeroed_from] = np.nan
-    got = store(
-      jnp.asarray(points), ids, first_point, num_voxels, jnp.int32(zeroed_from), jnp.asarray(arriving),
-      **attributes, empty_mean=np.int64(empty_mean),
-    )  # fmt: skip
-    for name, expected, have in zip(("voxels", "coords", "counts"), want, got):
-      np.testing.assert_array_equal(np.asarray(have), expected, err_msg=f"{name}, zeroed_from={zeroed_from}")
+  for name, expected, have in zip(("voxels", "coords", "counts", "ids", "num_voxels"), want, got):
+    np.testing.assert_array_equal(np.asarray(have), expected, err_msg=name)
 
 
 # ---- jsparse.utils ------------------------------------------------------------------------------
@@ -484,10 +458,8 @@ print(digest.hexdigest())
 """
 
 
-def _digest(xla_flags: str = "", one_cpu: bool = False, isa: str | None = None) -> str:
+def _digest(xla_flags: str = "", one_cpu: bool = False) -> str:
   env = dict(os.environ, XLA_FLAGS=xla_flags, JSPARSE_BACKEND="ffi")
-  if isa is not None:
-    env["JSPARSE_CPU_ISA"] = isa
   command = [sys.executable, "-c", SCRIPT]
   if one_cpu:  # XLA sizes its thread pools from the CPU affinity mask
     command = ["taskset", "-c", "0", *command]
@@ -503,101 +475,3 @@ def test_bitwise_identical_across_thread_settings():
   assert _digest("--xla_cpu_multi_thread_eigen=false") == threaded
   if shutil.which("taskset"):
     assert _digest(one_cpu=True) == threaded
-  # The cell keys' vector code: SSE2's 4 lanes give the bits of AVX2's 8 (where the CPU has it).
-  assert _digest(isa="portable") == threaded
-
-
-# ---- output memory the kernel knows is zero -------------------------------------------------------
-
-
-def _kernel_tells_zero_pages() -> bool:
-  """Linux 6.11+ (PROCMAP_QUERY) with /proc/self/pagemap, where the CPU kernels can tell
-  never-written pages."""
-  if (
-    not sys.platform.startswith("linux") or not _ffi.built("cpu") or not os.path.exists("/proc/self/pagemap")
-  ):
-    return False
-  version = re.match(r"(\d+)\.(\d+)", platform.release())
-  return version is not None and (int(version[1]), int(version[2])) >= (6, 11)
-
-
-@pytest.mark.skipif(
-  not _kernel_tells_zero_pages(), reason="needs the CPU extension on Linux 6.11+ with /proc/self/pagemap"
-)
-def test_known_zero_pages(tmp_path, monkeypatch):
-  """Never-written private anonymous pages are known zero; written ones, and shared or file-backed
-  memory (whose missing pages need not read as zero), are not. JSPARSE_KNOWN_ZERO_PAGES=0 says
-  none is."""
-  size = 1024 * 4096
-  anonymous = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-  anonymous.madvise(mmap.MADV_NOHUGEPAGE)  # one write must map one 4 KiB page, not 2 MiB
-  fresh = np.frombuffer(anonymous, np.uint8)
-  assert _ffi.known_zero_pages(fresh.ctypes.data, size) == 1024
-  monkeypatch.setenv("JSPARSE_KNOWN_ZERO_PAGES", "0")
-  assert _ffi.known_zero_pages(fresh.ctypes.data, size) == 0
-  monkeypatch.delenv("JSPARSE_KNOWN_ZERO_PAGES")
-  assert _ffi.known_zero_pages(fresh.ctypes.data + 4096 + 100, 512 * 4096) == 513  # partial pages count
-  fresh[: 256 * 4096 : 4096] = 1  # the first quarter of the pages
-  assert _ffi.known_zero_pages(fresh.ctypes.data, size) == 768
-  fresh[size // 2] = 0  # a zero written is still a written page: the probe finds it resident
-  assert _ffi.known_zero_pages(fresh.ctypes.data, size) == 0
-  shared = np.frombuffer(mmap.mmap(-1, size), np.uint8)  # MAP_SHARED anonymous: shared memory
-  assert _ffi.known_zero_pages(shared.ctypes.data, size) == 0
-  with open(tmp_path / "sparse", "wb+") as file:
-    file.truncate(size)
-    private_file = np.frombuffer(mmap.mmap(file.fileno(), size, flags=mmap.MAP_PRIVATE), np.uint8)
-    assert _ffi.known_zero_pages(private_file.ctypes.data, size) == 0
-  split = np.zeros(16 << 20, np.uint8)  # numpy advises huge pages inside: several mappings
-  assert _ffi.known_zero_pages(split.ctypes.data, split.nbytes) >= (16 << 20) // 4096 - 1
-
-
-FRESH_KWARGS = dict(
-  voxel_size=(0.5, 0.5, 0.5),
-  coors_range=(0.0,) * 3 + (12.0,) * 3,
-  max_num_voxels=16000,
-  max_num_points_per_voxel=5,
-)
-
-# Run with FRESH_KWARGS defined in front.
-FRESH_OUTPUTS_SCRIPT = """
-import sys, jax.numpy as jnp, numpy as np
-from jsparse import _ffi, ops
-rng = np.random.default_rng(4)
-many = rng.uniform(0, 12, size=(8000, 4)).astype(np.float32)  # about 6000 of 13824 cells
-few = rng.uniform(0, 6, size=(3000, 4)).astype(np.float32)  # fewer voxels, other points
-saved = dict(many=many, few=few)
-first = ops.voxelize(jnp.asarray(many), **FRESH_KWARGS)  # fresh: malloc maps the voxels anew
-saved["untouched"] = _ffi.known_zero_pages(first.voxels.unsafe_buffer_pointer(), first.voxels.nbytes)
-# Over the first's rows, above its never-written padding (reading first.voxels would map it).
-reused = ops.voxelize(jnp.asarray(few), **FRESH_KWARGS, reuse=first.voxels)
-fresh = ops.voxelize(jnp.asarray(many), **FRESH_KWARGS)
-mean = ops.voxelize(jnp.asarray(few), **FRESH_KWARGS, empty_mean=True)
-for prefix, result in (("reused_", reused), ("fresh_", fresh), ("mean_", mean)):
-  saved.update({prefix + name: np.asarray(value) for name, value in result._asdict().items()})
-np.savez(sys.argv[1], **saved)
-"""
-
-
-@pytest.mark.skipif(
-  not _kernel_tells_zero_pages(), reason="needs the CPU extension on Linux 6.11+ with /proc/self/pagemap"
-)
-def test_fresh_output_pages_are_left_untouched(tmp_path):
-  """With malloc mapping every output anew, the kernel leaves the padding rows' never-written
-  pages untouched (they read as zero), and the results equal the reference path's bit for bit:
-  also when a reused buffer holds an earlier result's rows above never-written padding."""
-  env = dict(os.environ, JSPARSE_BACKEND="ffi", MALLOC_MMAP_THRESHOLD_="65536")
-  script = f"FRESH_KWARGS = {FRESH_KWARGS!r}\n{FRESH_OUTPUTS_SCRIPT}"
-  subprocess.run([sys.executable, "-c", script, tmp_path / "out.npz"], env=env, check=True)
-  got = np.load(tmp_path / "out.npz")
-  # 16000 rows of 80 bytes: 313 pages, half or more of them padding past the first result's rows.
-  assert got["untouched"] > 150
-  for prefix, points, empty_mean in (
-    ("reused_", "few", False),
-    ("fresh_", "many", False),
-    ("mean_", "few", True),
-  ):
-    want = run("reference", got[points], empty_mean=empty_mean, **FRESH_KWARGS)
-    for name, expected in zip(want._fields, want):
-      np.testing.assert_array_equal(
-        got[prefix + name].view(np.int32), expected.view(np.int32), err_msg=prefix + name
-      )

@@ -25,7 +25,6 @@
 #include "float_convert.h"
 #include "gemm.h"
 #include "errors.h"
-#include "memory.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -268,7 +267,6 @@ ffi::Future GatherGemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::A
               std::to_string(d.c_out()) + "] in the features' dtype";
   }
   if (!message.empty()) return InvalidArgumentFuture(message);
-  AdviseHugePages(out->untyped_data(), out->size_bytes());
   return DispatchFeatureType(features.element_type(), [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     return GatherGemm(pool, static_cast<const T*>(features.untyped_data()),
@@ -559,7 +557,6 @@ ffi::Future BackwardSymmetricImpl(ffi::ThreadPool pool, ffi::AnyBuffer features,
               std::to_string(GemmLanes()) + "; other channel counts use the separate kernels";
   }
   if (!message.empty()) return InvalidArgumentFuture(message);
-  AdviseHugePages(d_features->untyped_data(), d_features->size_bytes());
   return BackwardSymmetric(pool, features.typed_data<float>(), d_out.typed_data<float>(), kernel_t.typed_data<float>(),
                            nbr.typed_data<int32_t>(), d, d_features->typed_data<float>(),
                            d_kernel->typed_data<float>());

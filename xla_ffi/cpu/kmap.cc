@@ -33,7 +33,6 @@
 #include "../common/kmap.h"
 #include "../common/registry.h"
 #include "errors.h"
-#include "memory.h"
 #include "parallel.h"
 #include "scratch.h"
 #include "xla/ffi/api/ffi.h"
@@ -626,8 +625,6 @@ ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryA
   int32_t* count = num_out->typed_data<int32_t>();
   int32_t* forward = nbr->typed_data<int32_t>();
   int32_t* backward = nbr_t->typed_data<int32_t>();
-  AdviseHugePages(forward, nbr->size_bytes());
-  AdviseHugePages(backward, nbr_t->size_bytes());
   const int64_t input_tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t clear_tasks = (capacity + kRowsPerTask - 1) / kRowsPerTask;
   // Buckets: the keys' top bits, at most 2**kBucketBits of them; keys below 2**(shift) share one.

@@ -8,7 +8,6 @@
 
 #include "../common/registry.h"
 #include "cpu_isa.h"
-#include "memory.h"
 
 namespace nb = nanobind;
 
@@ -22,8 +21,4 @@ NB_MODULE(_ffi_cpu, m) {
   });
   // The instruction set of the CPU kernels' vector code ("avx512", "avx2" or "portable").
   m.def("cpu_isa", []() { return std::string(jsparse::CpuIsaName(jsparse::SelectedCpuIsa())); });
-  // How many pages of [address, address + bytes) the kernels know to read as zero (for tests).
-  m.def("known_zero_pages", [](uintptr_t address, size_t bytes) {
-    return jsparse::KnownZeroPages(reinterpret_cast<const void*>(address), bytes).count();
-  });
 }
