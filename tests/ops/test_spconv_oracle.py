@@ -1,11 +1,11 @@
 """jsparse against spconv 2.3.8 (CPU build): the same active sites and values for the same weights.
 
-Skipped where spconv is not installed (``pip install torch==2.13.0 spconv==2.3.8``). spconv's CPU
-build is only correct single-threaded (``OMP_NUM_THREADS=1`` before its OpenMP runtime loads, and
-``torch.set_num_threads(1)``) and has no conv backward, so only forward passes are compared. It
-orders the output rows of strided and transposed layers its own way: both sides are sorted by
-(batch, coords) before comparing. Its layers are left in training mode: in eval mode its CPU path
-asserts on a bias ("cpu don't support act and bias").
+Skipped where spconv is not installed (``pip install torch==2.13.0 spconv==2.3.8``; ``make test-spconv``
+installs it and fails instead of skipping). spconv's CPU build is only correct single-threaded
+(``OMP_NUM_THREADS=1`` before its OpenMP runtime loads, and ``torch.set_num_threads(1)``) and has no
+conv backward, so only forward passes are compared. It orders the output rows of strided and transposed
+layers its own way: both sides are sorted by (batch, coords) before comparing. Its layers are left in
+training mode: in eval mode its CPU path asserts on a bias ("cpu don't support act and bias").
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from sparse_data import random_sites
 from spconv_import import import_spconv
 
 torch, spconv = import_spconv("spconv.pytorch")
+
+pytestmark = pytest.mark.spconv
 
 ATOL = 1e-4
 SHAPE = (9, 10, 11)
@@ -158,9 +160,9 @@ def test_inverse_conv_matches_spconv(geometry):
   _assert_same(js_up(js_y), sp_up(sp_y), same_order=True)
 
 
-def test_scan_crops_match_spconv(shared_data):
+def test_scan_crops_match_spconv(scans):
   """SubM, strided conv and its inverse on two crops of a KITTI sweep (0.2 m voxels) as a batch."""
-  points = np.fromfile(shared_data / "kitti_000008.bin", np.float32).reshape(-1, 4)
+  points = np.fromfile(scans / "kitti_000008.bin", np.float32).reshape(-1, 4)
   samples, shapes = [], []
   for b, (x0, y0) in enumerate([(10.0, -4.0), (5.0, -6.0)]):
     inside = (points[:, 0] >= x0) & (points[:, 0] < x0 + 8) & (points[:, 1] >= y0) & (points[:, 1] < y0 + 8)

@@ -359,21 +359,23 @@ def test_las_corrupt(tmp_path):
     read_points(tmp_path / "bad.las")
 
 
-# Real scans (../shared/data, see its README): shapes and value ranges from the README's table.
+# Real scans: data/ (KITTI, nuScenes) and $JSPARSE_EXTRA_DATA (ScanNet, SUN RGB-D, not redistributed; see
+# data/README.md). Shapes and value ranges from data/README.md's table.
 
 SCANS = {
   "kitti_000008.bin": (17238, 4, {0: (2.9, 76.8), 1: (-26.4, 10.3), 2: (-3.6, 2.9), 3: (0, 1)}),
   "nuscenes_lidar_top.bin": (34688, 5, {0: (-58, 97), 1: (-96, 99), 2: (-3.4, 19), 3: (0, 255)}),
+}
+EXTRA_SCANS = {
   "scannet_scene0000_00.bin": (40684, 6, {3: (0, 255), 4: (0, 255), 5: (0, 255)}),
   "sunrgbd_000017.bin": (50000, 6, {3: (0, 1), 4: (0, 1), 5: (0, 1)}),
 }
 EXTENTS = {"scannet_scene0000_00.bin": (8.4, 8.7, 3.0), "sunrgbd_000017.bin": (6.6, 7.1, 3.1)}
 
 
-@pytest.mark.parametrize("name", list(SCANS))
-def test_real_scans(shared_data, name, tmp_path):
-  num_points, num_features, ranges = SCANS[name]
-  points = read_points(shared_data / name, num_features)
+def _check_scan(path, num_points, num_features, ranges, tmp_path):
+  name = path.name
+  points = read_points(path, num_features)
   assert points.shape == (num_points, num_features) and points.dtype == np.float32
   assert np.isfinite(points).all()
   for column, (low, high) in ranges.items():
@@ -385,15 +387,25 @@ def test_real_scans(shared_data, name, tmp_path):
   if name.startswith("nuscenes"):
     assert set(np.unique(points[:, 4])) <= set(range(32))  # ring: 32 beams
   # The same points through every writable format.
-  expected = np.fromfile(shared_data / name, np.float32).reshape(-1, num_features)
+  expected = np.fromfile(path, np.float32).reshape(-1, num_features)
   for suffix in (".pcd", ".npz"):
     write_points(tmp_path / f"scan{suffix}", points)
     np.testing.assert_array_equal(read_points(tmp_path / f"scan{suffix}"), expected)
 
 
-def test_kitti_wrong_num_features(shared_data):
+@pytest.mark.parametrize("name", list(SCANS))
+def test_real_scans(scans, name, tmp_path):
+  _check_scan(scans / name, *SCANS[name], tmp_path)
+
+
+@pytest.mark.parametrize("name", list(EXTRA_SCANS))
+def test_real_extra_scans(extra_scans, name, tmp_path):
+  _check_scan(extra_scans / name, *EXTRA_SCANS[name], tmp_path)
+
+
+def test_kitti_wrong_num_features(scans):
   with pytest.raises(ValueError, match=r"275808 bytes .* num_features=5 .* counts that fit: \[3, 4, 6, 8\]"):
-    read_points(shared_data / "kitti_000008.bin", 5)
+    read_points(scans / "kitti_000008.bin", 5)
 
 
 # Error paths.

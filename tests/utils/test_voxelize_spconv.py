@@ -1,9 +1,11 @@
 """jsparse.utils.PointToVoxel against spconv 2.3.8's PointToVoxel (CPU) on the four real scans.
 
-Skipped where spconv is not installed (``pip install torch==2.13.0 spconv==2.3.8``) or the scans
-are absent. Voxels, coords, counts and point ids must be identical (bitwise) for the voxels spconv
-returns; jsparse's extra padding rows are not compared. ``empty_mean`` is not compared: spconv's
-CPU version accumulates the mean across voxels (spconv issue 477); test_voxelize.py checks ours.
+Skipped where spconv is not installed (``pip install torch==2.13.0 spconv==2.3.8``; ``make test-spconv``
+installs it and fails instead of skipping). KITTI and nuScenes are in data/; ScanNet and SUN RGB-D are
+read from $JSPARSE_EXTRA_DATA and skipped without it (see data/README.md). Voxels, coords, counts and
+point ids must be identical (bitwise) for the voxels spconv returns; jsparse's extra padding rows are not
+compared. ``empty_mean`` is not compared: spconv's CPU version accumulates the mean across voxels (spconv
+issue 477); test_voxelize.py checks ours.
 """
 
 from __future__ import annotations
@@ -19,12 +21,10 @@ from spconv_import import import_spconv
 
 torch, spconv_utils = import_spconv("spconv.pytorch.utils")
 
-SCANS = {
-  "kitti_000008.bin": 4,
-  "nuscenes_lidar_top.bin": 5,
-  "scannet_scene0000_00.bin": 6,
-  "sunrgbd_000017.bin": 6,
-}
+pytestmark = pytest.mark.spconv
+
+SCANS = {"kitti_000008.bin": 4, "nuscenes_lidar_top.bin": 5}  # data/
+EXTRA_SCANS = {"scannet_scene0000_00.bin": 6, "sunrgbd_000017.bin": 6}  # $JSPARSE_EXTRA_DATA
 # (vsize_xyz, coors_range_xyz, max_num_voxels, max_num_points_per_voxel)
 SETTINGS = {
   "centerpoint": ((0.1, 0.1, 0.2), (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), 40000, 10),
@@ -48,9 +48,19 @@ def _single_threaded_torch():
 @pytest.mark.slow
 @pytest.mark.parametrize("scan", sorted(SCANS))
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
-def test_identical_to_spconv(shared_data, scan, setting):
-  features = SCANS[scan]
-  points = np.fromfile(shared_data / scan, np.float32).reshape(-1, features)
+def test_identical_to_spconv(scans, scan, setting):
+  _check_identical(scans / scan, SCANS[scan], setting)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan", sorted(EXTRA_SCANS))
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_identical_to_spconv_extra_scans(extra_scans, scan, setting):
+  _check_identical(extra_scans / scan, EXTRA_SCANS[scan], setting)
+
+
+def _check_identical(path, features, setting):
+  points = np.fromfile(path, np.float32).reshape(-1, features)
   vsize, coors_range, max_voxels, max_points = SETTINGS[setting]
   theirs = spconv_utils.PointToVoxel(list(vsize), list(coors_range), features, max_voxels, max_points)
   with torch.no_grad():
