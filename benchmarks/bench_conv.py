@@ -32,12 +32,12 @@ import numpy as np
 
 import jsparse
 from jsparse import ops
-from jsparse.cli import voxelize_mean
+from jsparse.utils import voxelize_mean
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _spconv  # noqa: E402
 
-SCAN = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "nuscenes_lidar_top.bin"
+SCAN = pathlib.Path(__file__).resolve().parents[1] / "data" / "nuscenes_lidar_top.bin"
 
 
 def best_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:

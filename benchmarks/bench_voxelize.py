@@ -8,21 +8,14 @@ Prints one table. Each row is one scan and setting measured in this run, as the 
 - "reuse": the FFI kernel refilling one buffer: each call donates the last call's voxels
   (``generate(pc, reuse=last.voxels)``), as spconv refills the buffers it allocated once;
 - "spconv": spconv 2.3.8's CPU ``PointToVoxel.generate_voxel_with_id`` (single-threaded, its only
-  correct setting) when torch + spconv are installed;
+  correct setting) when torch + spconv are installed (``make test-spconv`` installs them);
 
 and the ratios. FFI, reuse and spconv take turns in blocks of 10 timed calls, each turn starting
-with 3 untimed ones (see ``median_times``), so load from other processes affects all. jsparse runs
-on XLA's CPU thread pool (all cores this process may use); its outputs have ``max_num_voxels``
-rows, like the buffers spconv fills (spconv then returns views of the used rows). "faults" counts
-the minor page faults per call: whether the allocator reuses memory for XLA's fresh outputs or maps
-it anew depends on the process's allocation history, and changes from call to call. A call that
-gets new memory faults on every 4 KiB page it writes: the rows in use, about 1000 faults at
-V=60000, which make it 2-3x as slow on this VM. On Linux 6.11+ jsparse leaves the padding rows'
-never-written pages untouched; elsewhere it reads them too (3250 faults, 3-4x as slow). "steal" is
-the share of this machine's CPU time that its hypervisor gave to other guests while the row was
-measured (Linux's /proc/stat; blank elsewhere): on a shared VM it comes in spells, and a spell
-costs the 2-thread jsparse more than the 1-thread spconv (a task on a stolen core holds up the
-whole call).
+with 3 untimed ones, so load from other processes affects all. jsparse runs on XLA's CPU thread
+pool (all cores this process may use); its outputs have ``max_num_voxels`` rows, like the buffers
+spconv fills (spconv then returns views of the used rows). "faults" is the number of minor page
+faults per call: a fresh output that the allocator maps anew faults on every page the kernel
+writes, which costs as much as the voxelization itself; ``reuse=`` avoids it.
 
   python benchmarks/bench_voxelize.py [--repeats 50] [--no-spconv]
 """
@@ -49,10 +42,13 @@ from jsparse.utils import PointToVoxel
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _spconv  # noqa: E402
 
-DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
-# (label, scan, features, vsize_xyz, coors_range_xyz, max_num_voxels, max_num_points_per_voxel)
+# (label, scan, features used, vsize_xyz, coors_range_xyz, max_num_voxels, max_num_points_per_voxel).
+# The nuScenes sweep has 5 columns (x, y, z, intensity, ring); 4 takes the first four.
 CASES = (
+  ("nuScenes CenterPoint 0.1x0.1x0.2, xyzi", "nuscenes_lidar_top.bin", 4,
+   (0.1, 0.1, 0.2), (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), 60000, 10),
   ("nuScenes CenterPoint 0.1x0.1x0.2", "nuscenes_lidar_top.bin", 5,
    (0.1, 0.1, 0.2), (-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), 60000, 10),
   ("nuScenes CenterPoint 0.1x0.1x0.2", "nuscenes_lidar_top.bin", 5,
@@ -73,9 +69,8 @@ def median_times(
   blocks of ``block`` calls, so a change in machine load hits all of them, while each block runs
   with its own data in cache (spconv's dense hash grid of ``prod(grid)`` int32 would otherwise
   evict the other's). Each turn starts with ``settle`` untimed calls: after another library's turn
-  (or any idle spell), the first calls run slow while caches refill and idle cores wake, most for
-  the threaded library (on a 2-core VM, jsparse's first call after a 50 ms sleep took 1.7x its
-  steady time and the next few 1.2-1.35x)."""
+  the first calls run slow while caches refill and idle cores wake, most for the threaded
+  library."""
   for fn in fns.values():
     jax.block_until_ready(fn())
   times: dict[str, list[float]] = {name: [] for name in fns}
@@ -91,18 +86,6 @@ def median_times(
         times[name].append(time.perf_counter() - begin)
       faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
   return {name: (statistics.median(t), faults[name] / len(t)) for name, t in times.items()}
-
-
-def steal_seconds() -> float | None:
-  """CPU seconds the hypervisor has taken from this machine since boot (all cores), or None."""
-  try:
-    with open("/proc/stat") as stat:
-      fields = stat.readline().split()
-  except OSError:
-    return None
-  if fields[0] != "cpu" or len(fields) < 9:
-    return None
-  return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def jitted(backend: str, gen: PointToVoxel, points: jax.Array) -> Callable[[], Any]:
@@ -146,7 +129,6 @@ def spconv_call(points: np.ndarray, case: tuple) -> Callable[[], Any]:
 COLUMNS = (
   ("case", 52), ("points", 8), ("voxels", 8), ("ref ms", 8), ("FFI ms", 8), ("faults", 7),
   ("reuse ms", 9), ("faults", 7), ("spconv ms", 10), ("spconv/FFI", 11), ("spconv/reuse", 13),
-  ("steal", 7),
 )  # fmt: skip
 
 
@@ -170,17 +152,15 @@ def main() -> None:
   print(row(*(name for name, _ in COLUMNS)))
   for case in CASES:
     label, scan, features, vsize, coors_range, max_voxels, max_points = case
-    points = np.fromfile(DATA / scan, np.float32).reshape(-1, features)
+    columns = 5 if scan.startswith("nuscenes") else 4
+    points = np.ascontiguousarray(np.fromfile(DATA / scan, np.float32).reshape(-1, columns)[:, :features])
     gen = PointToVoxel(vsize, coors_range, features, max_voxels, max_points)
     device_points = jnp.asarray(points)
     voxels = int(gen.generate(device_points).num_voxels)
     fns = {"ffi": jitted("ffi", gen, device_points), "reuse": reusing(gen, device_points)}
     if with_spconv:
       fns["spconv"] = spconv_call(points, case)
-    steal_before, begin = steal_seconds(), time.perf_counter()
     times = median_times(fns, args.repeats)
-    steal_after, elapsed = steal_seconds(), time.perf_counter() - begin
-    steal = None if steal_before is None else f"{100 * (steal_after - steal_before) / (elapsed * cores):.0f}%"
     (ffi, ffi_faults), (reuse, reuse_faults) = times["ffi"], times["reuse"]
     theirs = times["spconv"][0] if with_spconv else None
     ref = median_times({"ref": jitted("reference", gen, device_points)}, max(3, args.repeats // 10))["ref"][0]
@@ -197,7 +177,6 @@ def main() -> None:
         None if theirs is None else 1e3 * theirs,
         None if theirs is None else f"{theirs / ffi:.1f}x",
         None if theirs is None else f"{theirs / reuse:.1f}x",
-        steal,
       ),
       flush=True,
     )

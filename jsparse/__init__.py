@@ -10,5 +10,7 @@ from jsparse._capacity import round_capacity as round_capacity
 from jsparse.ops import IndicePairs as IndicePairs
 from jsparse.ops import backend as backend
 from jsparse.tensor import SparseConvTensor as SparseConvTensor
+from jsparse.tensor import sparse_add as sparse_add
+from jsparse.tensor import sparse_cat as sparse_cat
 
 __version__ = "0.1.0"

@@ -18,9 +18,9 @@ from flax import nnx
 import jsparse
 from jsparse import nn as spnn
 from jsparse.ops import points_in_range
-from jsparse.utils import PointToVoxel, read_points
+from jsparse.utils import PointToVoxel, bounding_range, read_points, voxelize_mean
 
-DEFAULT_SCAN = pathlib.Path("..") / "shared" / "data" / "kitti_000008.bin"
+DEFAULT_SCAN = pathlib.Path(__file__).resolve().parents[1] / "data" / "kitti_000008.bin"
 
 
 def _load_points(path: pathlib.Path | None) -> tuple[np.ndarray, str]:
@@ -33,39 +33,6 @@ def _load_points(path: pathlib.Path | None) -> tuple[np.ndarray, str]:
            for x, y in ((8, -6), (15, 3), (25, -2), (32, 5))]  # fmt: skip
   xyz = np.concatenate([ground, *boxes]).astype(np.float32)
   return np.c_[xyz, rng.uniform(0, 1, len(xyz)).astype(np.float32)], "synthetic street (no scan found)"
-
-
-def bounding_range(points: np.ndarray, voxel_size: Sequence[float]) -> list[float]:
-  """A ``coors_range_xyz`` for ``PointToVoxel`` that holds every finite point of ``points [P, >= 3]``:
-  the minima, then the minima plus whole voxels past the maxima (one spare, against rounding)."""
-  xyz = points[:, :3][np.all(np.isfinite(points[:, :3]), axis=1)]
-  if len(xyz) == 0:
-    raise ValueError("the point cloud has no point with finite x, y, z")
-  size = np.asarray(voxel_size, np.float64)
-  low = xyz.min(0).astype(np.float64)
-  high = low + size * (np.floor((xyz.max(0) - low) / size) + 2)
-  return [*low.tolist(), *high.tolist()]
-
-
-def voxelize_mean(points: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-  """Mean-pooled voxels of ``points [P, F]`` (x, y, z first) over their bounding box.
-
-  Voxel ids come from :class:`jsparse.utils.PointToVoxel`; each voxel's features are the mean of
-  all its points. Used by the demo and the benchmarks.
-
-  Returns:
-    ``(features [V, F] per-voxel means, coords int32 [V, 3] in zyx order sorted, spatial_shape zyx)``.
-  """
-  points = np.asarray(points, np.float32)
-  size = [float(voxel_size)] * 3
-  gen = PointToVoxel(size, bounding_range(points, size), points.shape[1], len(points), 1)
-  _, coords, _, ids = (np.asarray(a) for a in gen.generate_voxel_with_id(points))
-  kept = ids >= 0
-  sums = np.zeros((len(coords), points.shape[1]))
-  np.add.at(sums, ids[kept], points[kept])
-  counts = np.bincount(ids[kept], minlength=len(coords))
-  order = np.lexsort(coords.T[::-1])
-  return (sums / counts[:, None])[order].astype(np.float32), coords[order], gen.spatial_shape
 
 
 def voxelize_file(

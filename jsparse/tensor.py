@@ -1,4 +1,14 @@
-"""SparseConvTensor: active sites of a batch of grids, with static capacity, as a pytree."""
+"""SparseConvTensor and what works on whole tensors.
+
+- :class:`SparseConvTensor`: active sites of a batch of grids, with static capacity, as a pytree;
+- :func:`kernel_map` and :func:`inverse_kernel_map`: the maps a layer finds or stores in the
+  tensor's ``indice_dict`` under its ``indice_key`` (spconv's map cache), with the capacity
+  records of layers that create sites;
+- :func:`sparse_add`, :func:`sparse_cat` and ``x + y``: arithmetic on tensors.
+
+This module sits between the array-level ops (``jsparse.ops``, which never see a tensor) and the
+layers (``jsparse.nn``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsparse import ops
 from jsparse._capacity import CapacityError, is_concrete, overflow_entry
 
 
@@ -192,13 +203,16 @@ class SparseConvTensor:
 
   def __add__(self, other: SparseConvTensor) -> SparseConvTensor:
     """``x + y`` for tensors with identical sites (same indices row for row, checked eagerly):
-    features added, kernel maps of both kept. :func:`jsparse.ops.sparse_add` handles different
+    features added, kernel maps of both kept. :func:`sparse_add` handles different
     sites."""
     if not isinstance(other, SparseConvTensor):
       return NotImplemented
-    from jsparse.ops import _combine  # the ops package imports this module
-
-    return _combine.add_same_sites(self, other)
+    _same_sites((self, other), "x + y")
+    return self.replace(
+      features=self.features + other.features,
+      indice_dict=_merged_dicts((self, other)),
+      overflow=_merged_overflow((self, other)),
+    )
 
   def __repr__(self) -> str:
     return (
@@ -225,16 +239,14 @@ def _check_structure(features, indices, spatial_shape, batch_size) -> None:
 
 
 def _check_sites(indices, spatial_shape, batch_size) -> None:
-  from jsparse.ops import _indices  # the ops package imports this module
-
-  status = np.asarray(_indices.check_indices_jit(indices, spatial_shape=spatial_shape, batch_size=batch_size))
+  status = np.asarray(ops.check_indices(indices, spatial_shape=spatial_shape, batch_size=batch_size))
   problems = []
-  for code in (_indices.BAD_BATCH, _indices.OUT_OF_GRID, _indices.DUPLICATE):
+  for code in (ops.BAD_BATCH, ops.OUT_OF_GRID, ops.DUPLICATE):
     rows = np.flatnonzero(status == code)
     if rows.size:
       shown = ", ".join(f"{r}: {np.asarray(indices[r]).tolist()}" for r in rows[:5])
       more = f" and {rows.size - 5} more" if rows.size > 5 else ""
-      problems.append(f"{rows.size} rows with {_indices.STATUS_MEANINGS[code]} ({shown}{more})")
+      problems.append(f"{rows.size} rows with {ops.STATUS_MEANINGS[code]} ({shown}{more})")
   if problems:
     raise ValueError(
       f"invalid indices for spatial_shape={spatial_shape}, batch_size={batch_size}: "
@@ -242,3 +254,254 @@ def _check_sites(indices, spatial_shape, batch_size) -> None:
       + ". Batch indices must be in [0, batch_size) (or -1 for padding), coordinates in "
       "[0, spatial_shape), and each site may appear once."
     )
+
+
+# ---- kernel maps by indice_key ------------------------------------------------------------
+
+
+def _known_keys(indice_dict: Mapping[str, Any]) -> str:
+  return ", ".join(repr(k) for k in indice_dict) or "none"
+
+
+def kernel_map(
+  x: SparseConvTensor,
+  spec: ops.MapSpec,
+  indice_key: str | None = None,
+  out_capacity: int | None = None,
+  label: str = "layer",
+) -> tuple[ops.IndicePairs, dict[str, ops.IndicePairs], dict[str, jax.Array]]:
+  """Finds or builds the map a layer needs, as spconv's ``indice_key`` cache does.
+
+  A map stored under ``indice_key`` with the same spec is reused; one with a different spec is an
+  error. A new map is stored under ``indice_key`` (when given). Eagerly, a ``None``
+  ``out_capacity`` sizes the output to fit and a too-small one raises :class:`CapacityError`;
+  under jit the default is :func:`default_capacity` and a shortfall is recorded in ``overflow``.
+
+  Args:
+    x: the input ``SparseConvTensor``.
+    spec: the geometry the layer needs (``spec.in_spatial_shape`` must be ``x.spatial_shape``).
+    indice_key: the key to reuse or store the map under.
+    out_capacity: static output capacity for maps that create sites.
+    label: names the layer in errors and overflow records.
+
+  Returns:
+    ``(pairs, indice_dict, overflow)``: the map and the dicts the output tensor carries.
+  """
+  indice_dict, overflow = dict(x.indice_dict), dict(x.overflow)
+  if indice_key is not None and indice_key in indice_dict:
+    pairs = indice_dict[indice_key]
+    if pairs.spec != spec or pairs.batch_size != x.batch_size:
+      raise ValueError(
+        f"{label}: indice_key {indice_key!r} holds a map built for {pairs.spec} "
+        f"(batch_size={pairs.batch_size}), but this layer needs {spec} "
+        f"(batch_size={x.batch_size}). Give layers with different geometry different keys. "
+        f"Known keys: {_known_keys(indice_dict)}."
+      )
+    if pairs.in_indices.shape != x.indices.shape:
+      raise ValueError(
+        f"{label}: indice_key {indice_key!r} holds a map built on {pairs.in_indices.shape[0]} "
+        f"input rows, but the input has capacity {x.capacity}; a key can only be reused by "
+        "tensors with the sites the map was built on."
+      )
+    return pairs, indice_dict, overflow
+
+  if spec.kind == "subm":
+    pairs = ops.build_map(x.indices, spec, x.batch_size)
+  elif is_concrete(x.indices):
+    sites, needed = ops.output_sites(x.indices, spec, x.batch_size, x.capacity * spec.kernel_volume)
+    needed = int(needed)
+    if out_capacity is not None and needed > out_capacity:
+      raise CapacityError(
+        f"{label}: the output has {needed} active sites but out_capacity={out_capacity}; pass "
+        f"out_capacity >= {needed}, or leave it None to size the output to fit when eager."
+      )
+    capacity = needed if out_capacity is None else out_capacity
+    sites = jnp.pad(sites[:capacity], ((0, max(0, capacity - sites.shape[0])), (0, 0)), constant_values=-1)
+    pairs = ops.map_for_outputs(x.indices, sites, jnp.int32(needed), spec, x.batch_size)
+  else:
+    capacity = ops.default_capacity(spec, x.capacity) if out_capacity is None else out_capacity
+    pairs = ops.build_map(x.indices, spec, x.batch_size, capacity)
+    overflow[f"{len(overflow):03d} {label}"] = overflow_entry(pairs.num_out, capacity)
+  if indice_key is not None:
+    indice_dict[indice_key] = pairs
+  return pairs, indice_dict, overflow
+
+
+def inverse_kernel_map(
+  x: SparseConvTensor, indice_key: str, kernel_size: tuple[int, ...], label: str = "layer"
+) -> ops.IndicePairs:
+  """The map of ``SparseInverseConv(indice_key=...)``: the stored map, inverted.
+
+  Raises:
+    ValueError: the key is unknown, its kernel size differs, or ``x`` is not that map's output.
+  """
+  if indice_key not in x.indice_dict:
+    raise ValueError(
+      f"{label}: unknown indice_key {indice_key!r}. An inverse convolution needs the map that an "
+      f"earlier strided layer stored under this key (e.g. SparseConv3d(..., "
+      f"indice_key={indice_key!r})). Known keys: {_known_keys(x.indice_dict)}."
+    )
+  pairs = x.indice_dict[indice_key]
+  if pairs.spec.kernel_size != kernel_size:
+    raise ValueError(
+      f"{label}: indice_key {indice_key!r} holds a map with kernel_size="
+      f"{pairs.spec.kernel_size}, but this layer has kernel_size={kernel_size}; an inverse "
+      "convolution must use the kernel size of the layer it inverts."
+    )
+  if pairs.out_capacity != x.capacity or pairs.spec.out_spatial_shape != x.spatial_shape:
+    raise ValueError(
+      f"{label}: indice_key {indice_key!r} maps to {pairs.out_capacity} rows over "
+      f"{pairs.spec.out_spatial_shape}, but the input has capacity {x.capacity} over "
+      f"{x.spatial_shape}; the input must be the output of the layer that stored the key."
+    )
+  return ops.invert_map(pairs)
+
+
+# ---- arithmetic on tensors ------------------------------------------------------------------
+
+
+def _check_operands(tensors: tuple[Any, ...], op: str) -> None:
+  if not tensors:
+    raise ValueError(f"{op} needs at least one SparseConvTensor")
+  for j, t in enumerate(tensors):
+    if not isinstance(t, SparseConvTensor):
+      raise TypeError(f"{op}: operand {j} is a {type(t).__name__}, not a SparseConvTensor")
+  first = tensors[0]
+  for j, t in enumerate(tensors[1:], 1):
+    if t.spatial_shape != first.spatial_shape or t.batch_size != first.batch_size:
+      raise ValueError(
+        f"{op}: operand {j} has spatial_shape={t.spatial_shape}, batch_size={t.batch_size}, but "
+        f"operand 0 has spatial_shape={first.spatial_shape}, batch_size={first.batch_size}"
+      )
+
+
+def _merged_overflow(tensors: tuple[SparseConvTensor, ...]) -> dict[str, jax.Array]:
+  """The operands' overflow records in one dict; a clashing label gets the operand's number."""
+  merged: dict[str, jax.Array] = {}
+  for j, t in enumerate(tensors):
+    for label, record in t.overflow.items():
+      if label in merged and merged[label] is not record:
+        label = f"{label} (operand {j})"
+      merged[label] = record
+  return merged
+
+
+def _merged_dicts(tensors: tuple[SparseConvTensor, ...]) -> dict[str, Any]:
+  """Every operand's kernel maps; the first operand that has a key wins."""
+  merged: dict[str, Any] = {}
+  for t in reversed(tensors):
+    merged.update(t.indice_dict)
+  return merged
+
+
+def _same_sites(tensors: tuple[SparseConvTensor, ...], op: str) -> None:
+  """Operands must share their rows: same capacity always, identical indices when eager."""
+  _check_operands(tensors, op)
+  first = tensors[0]
+  for j, t in enumerate(tensors[1:], 1):
+    same = t.capacity == first.capacity
+    if same and is_concrete(t.indices, first.indices):
+      same = bool(np.array_equal(np.asarray(t.indices), np.asarray(first.indices)))
+    if not same:
+      raise ValueError(
+        f"{op}: operand {j} does not have operand 0's sites (the same indices row for row); "
+        "use jsparse.sparse_add to combine tensors over different sites"
+      )
+
+
+def sparse_cat(*tensors: SparseConvTensor) -> SparseConvTensor:
+  """Concatenates the features of tensors with identical sites along the channel axis.
+
+  Args:
+    *tensors: ``SparseConvTensor`` s with the same indices (row for row; checked eagerly) and
+      features ``[capacity, C_j]``.
+
+  Returns:
+    A tensor over those sites with features ``[capacity, sum C_j]`` (dtypes promoted) and every
+    operand's kernel maps.
+
+  >>> import numpy as np, jsparse
+  >>> idx = np.array([[0, 1], [0, 3]], np.int32)
+  >>> a = jsparse.SparseConvTensor(np.ones((2, 2), np.float32), idx, (4,), 1)
+  >>> b = jsparse.SparseConvTensor(np.zeros((2, 3), np.float32), idx, (4,), 1)
+  >>> jsparse.sparse_cat(a, b).features.shape
+  (2, 5)
+  """
+  _same_sites(tensors, "sparse_cat")
+  return tensors[0].replace(
+    features=jnp.concatenate([t.features for t in tensors], axis=1),
+    indice_dict=_merged_dicts(tensors),
+    overflow=_merged_overflow(tensors),
+  )
+
+
+def _sum_into(tensors, out_indices: jax.Array, num_out: jax.Array) -> jax.Array:
+  """The operands' features summed into the rows of ``out_indices`` (in argument order).
+
+  Each operand reaches the output rows through its own 1-tap map: one writer per output row and
+  operand, and the gradient gathers through the transposed map, so both directions are
+  deterministic.
+  """
+  spec = ops.make_spec("conv", tensors[0].spatial_shape, 1)
+  dtype = jnp.result_type(*(t.features.dtype for t in tensors))
+  total = None
+  for t in tensors:
+    pairs = ops.map_for_outputs(t.indices, out_indices, num_out, spec, t.batch_size)
+    term = ops.gather_rows_transposed(t.features.astype(dtype), pairs.nbr[:, 0], pairs.nbr_t[:, 0])
+    total = term if total is None else total + term
+  return total
+
+
+def sparse_add(*tensors: SparseConvTensor, capacity: int | None = None) -> SparseConvTensor:
+  """Sum of sparse tensors over the union of their sites; sites in several operands are added.
+
+  The result's rows are the union sorted by (batch, coords). As in spconv, the result keeps the
+  ``indice_dict`` of an operand whose site set equals the union; jsparse then keeps that
+  operand's rows (order and capacity) too, so its stored maps stay valid. This needs concrete
+  sites, so it applies to eager calls; under jit the result has the sorted union and no kernel
+  maps (use ``x + y`` for identical sites, which keeps them).
+
+  Args:
+    *tensors: ``SparseConvTensor`` s with one spatial shape, batch size and channel count.
+    capacity: static row count of the result. Eagerly ``None`` fits the union and a too-small
+      capacity raises :class:`jsparse.CapacityError`; under jit ``None`` means the sum of the
+      operands' capacities (the union always fits) and a shortfall is recorded in ``overflow``.
+
+  Returns:
+    A ``SparseConvTensor`` with features ``[capacity, C]`` (dtypes promoted).
+
+  >>> import numpy as np, jsparse
+  >>> a = jsparse.SparseConvTensor(np.ones((2, 1), np.float32), np.array([[0, 3], [0, 1]], np.int32), (4,), 1)
+  >>> b = jsparse.SparseConvTensor(np.ones((1, 1), np.float32), np.array([[0, 1]], np.int32), (4,), 1)
+  >>> c = jsparse.sparse_add(a, b)
+  >>> c.indices.tolist(), c.features.ravel().tolist()
+  ([[0, 3], [0, 1]], [1.0, 2.0])
+  """
+  _check_operands(tensors, "sparse_add")
+  channels = {t.features.shape[1] for t in tensors}
+  if len(channels) != 1:
+    raise ValueError(f"sparse_add: operands must have one channel count, got {sorted(channels)}")
+  first = tensors[0]
+  overflow = _merged_overflow(tensors)
+  indices = jnp.concatenate([t.indices for t in tensors])
+  upper = sum(t.capacity for t in tensors)
+  if is_concrete(indices):
+    union, needed = ops.unique_sites(indices, first.spatial_shape, first.batch_size, upper)
+    needed = int(needed)
+    if capacity is not None and needed > capacity:
+      raise CapacityError(
+        f"sparse_add: the union has {needed} sites but capacity={capacity}; pass capacity >= "
+        f"{needed}, or leave it None to fit the union when eager"
+      )
+    for t in tensors:  # spconv keeps the maps of an operand that holds every site
+      if int(t.num_active) == needed and (capacity is None or capacity == t.capacity):
+        return t.replace(features=_sum_into(tensors, t.indices, jnp.int32(needed)), overflow=overflow)
+    capacity = needed if capacity is None else capacity
+    union = jnp.pad(union[:capacity], ((0, max(0, capacity - union.shape[0])), (0, 0)), constant_values=-1)
+    num_out = jnp.int32(needed)
+  else:
+    capacity = upper if capacity is None else capacity
+    union, num_out = ops.unique_sites(indices, first.spatial_shape, first.batch_size, capacity)
+    overflow[f"{len(overflow):03d} sparse_add"] = overflow_entry(num_out, capacity)
+  features = _sum_into(tensors, union, num_out)
+  return SparseConvTensor._make(features, union, first.spatial_shape, first.batch_size, {}, overflow)

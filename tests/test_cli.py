@@ -61,15 +61,3 @@ def test_voxelize_command_reports_voxel_overflow_and_bad_input(tmp_path, capsys)
   with pytest.raises(SystemExit):
     cli.main(["voxelize", str(source), "--num-features", "4", "--voxel-size", "1", "2", "--out", str(out)])
   assert "--voxel-size takes 1 (cubic) or 3 values" in capsys.readouterr().err
-
-
-def test_voxelize_mean_is_the_mean_of_every_point_of_each_voxel():
-  points = _cloud(np.random.default_rng(2), 2000)
-  features, coords, shape = cli.voxelize_mean(points, 0.5)
-  cells = np.floor((points[:, :3] - points[:, :3].min(0)) / 0.5).astype(np.int64)
-  unique, inverse = np.unique(cells[:, ::-1], axis=0, return_inverse=True)  # zyx, sorted
-  sums = np.zeros((len(unique), 4))
-  np.add.at(sums, inverse.ravel(), points)
-  np.testing.assert_array_equal(coords, unique)
-  np.testing.assert_allclose(features, sums / np.bincount(inverse.ravel())[:, None], rtol=1e-5, atol=1e-6)
-  assert all(n > c for n, c in zip(shape, coords.max(0)))

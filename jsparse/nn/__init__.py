@@ -1,5 +1,6 @@
 """Flax NNX layers with spconv's names: convolutions, pools, and SparseSequential to chain them."""
 
+from jsparse.nn._base import SparseModule as SparseModule
 from jsparse.nn._conv import SparseConv as SparseConv
 from jsparse.nn._conv import SparseConv1d as SparseConv1d
 from jsparse.nn._conv import SparseConv2d as SparseConv2d
@@ -15,7 +16,6 @@ from jsparse.nn._conv import SparseInverseConv1d as SparseInverseConv1d
 from jsparse.nn._conv import SparseInverseConv2d as SparseInverseConv2d
 from jsparse.nn._conv import SparseInverseConv3d as SparseInverseConv3d
 from jsparse.nn._conv import SparseInverseConv4d as SparseInverseConv4d
-from jsparse.nn._conv import SparseModule as SparseModule
 from jsparse.nn._conv import SubMConv as SubMConv
 from jsparse.nn._conv import SubMConv1d as SubMConv1d
 from jsparse.nn._conv import SubMConv2d as SubMConv2d

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -11,19 +10,11 @@ from flax.nnx.nn import dtypes
 from jax import lax
 
 from jsparse import ops
-from jsparse.tensor import SparseConvTensor
+from jsparse.nn._base import BuildsMap, IntOrSeq, SparseModule
+from jsparse.tensor import SparseConvTensor, inverse_kernel_map
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
-IntOrSeq = int | Sequence[int]
-
-
-class SparseModule(nnx.Module):
-  """A layer that takes and returns a :class:`SparseConvTensor` (not only its features).
-
-  :class:`SparseSequential` passes such layers the whole tensor and any other callable only the
-  features.
-  """
 
 
 class _Conv(SparseModule):
@@ -31,13 +22,13 @@ class _Conv(SparseModule):
 
   def __init__(
     self,
-    num_spatial_dims: int,
     in_channels: int,
     out_channels: int,
     kernel_size: IntOrSeq,
     groups: int,
     bias: bool,
     *,
+    num_spatial_dims: int | None,
     dtype: Any,
     param_dtype: Any,
     precision: lax.PrecisionLike,
@@ -49,9 +40,9 @@ class _Conv(SparseModule):
       raise ValueError(
         f"in_channels={in_channels} and out_channels={out_channels} must be divisible by groups={groups}"
       )
-    self.num_spatial_dims = num_spatial_dims
+    n = self._set_spatial_dims(num_spatial_dims)
     self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-    self.kernel_size = ops.ntuple(kernel_size, num_spatial_dims, "kernel_size")
+    self.kernel_size = ops.ntuple(kernel_size, n, "kernel_size")
     self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
     shape = (*self.kernel_size, in_channels // groups, out_channels)
     self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
@@ -60,10 +51,9 @@ class _Conv(SparseModule):
     else:
       self.bias = nnx.data(None)
 
-  def _check_input(self, x: Any) -> None:
-    if not isinstance(x, SparseConvTensor):
-      raise TypeError(f"{self._label()} expects a SparseConvTensor, got {type(x).__name__}")
-    if x.ndim != self.num_spatial_dims or x.features.shape[1] != self.in_channels:
+  def _check_conv_input(self, x: Any) -> None:
+    self._check_input(x, self._label())
+    if x.features.shape[1] != self.in_channels:
       raise ValueError(
         f"{self._label()} expects {self.num_spatial_dims} spatial dims and {self.in_channels} "
         f"channels, got a tensor over {x.spatial_shape} with {x.features.shape[1]} channels"
@@ -87,31 +77,6 @@ class _Conv(SparseModule):
     )
 
 
-class BuildsMap:
-  """The window geometry of a layer that finds or builds its own kernel map (convs and pools)."""
-
-  num_spatial_dims: int
-  kernel_size: tuple[int, ...]
-
-  def _set_window(self, stride, padding, dilation, indice_key, out_capacity) -> None:
-    n = self.num_spatial_dims
-    self.stride = ops.ntuple(stride, n, "stride")
-    self.padding = ops.ntuple(padding, n, "padding")
-    self.dilation = ops.ntuple(dilation, n, "dilation")
-    self.indice_key = indice_key
-    self.out_capacity = out_capacity
-
-  def _window_label(self) -> str:
-    key = "" if self.indice_key is None else f", indice_key={self.indice_key!r}"
-    return f"k={self.kernel_size}, s={self.stride}, p={self.padding}, d={self.dilation}{key}"
-
-  def _window_map(self, x: SparseConvTensor, kind: str, label: str):
-    """``(spec, pairs, indice_dict, overflow)``: the map of this window over ``x`` (see
-    :func:`jsparse.ops.kernel_map`)."""
-    spec = ops.make_spec(kind, x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
-    return spec, *ops.kernel_map(x, spec, self.indice_key, self.out_capacity, label)
-
-
 class _MapBuildingConv(_Conv, BuildsMap):
   """A convolution that finds or builds its kernel map from its own geometry."""
 
@@ -119,7 +84,6 @@ class _MapBuildingConv(_Conv, BuildsMap):
 
   def __init__(
     self,
-    num_spatial_dims: int,
     in_channels: int,
     out_channels: int,
     kernel_size: IntOrSeq,
@@ -130,6 +94,7 @@ class _MapBuildingConv(_Conv, BuildsMap):
     bias: bool = True,
     indice_key: str | None = None,
     *,
+    num_spatial_dims: int | None = None,
     out_capacity: int | None = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
@@ -139,7 +104,7 @@ class _MapBuildingConv(_Conv, BuildsMap):
     rngs: nnx.Rngs,
   ):
     super().__init__(
-      num_spatial_dims, in_channels, out_channels, kernel_size, groups, bias,
+      in_channels, out_channels, kernel_size, groups, bias, num_spatial_dims=num_spatial_dims,
       dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
       bias_init=bias_init, rngs=rngs,
     )  # fmt: skip
@@ -150,14 +115,13 @@ class _MapBuildingConv(_Conv, BuildsMap):
 
   def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
     """Convolves ``x``: features ``[capacity_in, C_in]`` -> ``[capacity_out, C_out]``."""
-    self._check_input(x)
+    self._check_conv_input(x)
     spec, pairs, indice_dict, overflow = self._window_map(x, self._kind, self._label())
     return self._convolve(x, pairs, spec.out_spatial_shape, indice_dict, overflow)
 
 
 _ARGS_DOC = """
   Args:
-    num_spatial_dims: 1 to 4 (the ``SparseConv3d``-style aliases fix it).
     in_channels: ``C_in``.
     out_channels: ``C_out``.
     kernel_size: int or one int per axis.
@@ -168,6 +132,8 @@ _ARGS_DOC = """
     bias: whether to add a bias (at active output sites only).
     indice_key: stores the kernel map in the output's ``indice_dict`` under this key, or reuses
       the map already stored there (the geometry must match).
+    num_spatial_dims: the number of spatial axes; fixed by the 1d-4d classes (``SparseConv3d``),
+      required by the generic one.
     out_capacity: static output row count for layers that create sites (see
       :func:`jsparse.check_capacity`).
     dtype: computation dtype (default: promoted from inputs and parameters).
@@ -237,24 +203,24 @@ class SparseInverseConv(_Conv):
   layer's.
 
   Args:
-    num_spatial_dims: 1 to 4.
     in_channels: ``C_in`` (the stored layer's output side).
     out_channels: ``C_out``.
     kernel_size: the stored layer's kernel size.
     indice_key: the key the strided layer stored its map under.
     bias: whether to add a bias at every output site.
-    dtype, param_dtype, precision, kernel_init, bias_init, rngs: as :class:`SparseConv`.
+    num_spatial_dims, dtype, param_dtype, precision, kernel_init, bias_init, rngs: as
+      :class:`SparseConv`.
   """
 
   def __init__(
     self,
-    num_spatial_dims: int,
     in_channels: int,
     out_channels: int,
     kernel_size: IntOrSeq,
     indice_key: str,
     bias: bool = True,
     *,
+    num_spatial_dims: int | None = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     precision: lax.PrecisionLike = None,
@@ -263,7 +229,7 @@ class SparseInverseConv(_Conv):
     rngs: nnx.Rngs,
   ):
     super().__init__(
-      num_spatial_dims, in_channels, out_channels, kernel_size, 1, bias,
+      in_channels, out_channels, kernel_size, 1, bias, num_spatial_dims=num_spatial_dims,
       dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
       bias_init=bias_init, rngs=rngs,
     )  # fmt: skip
@@ -271,31 +237,102 @@ class SparseInverseConv(_Conv):
 
   def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
     """Maps ``x`` (the stored layer's output sites) back to that layer's input sites."""
-    self._check_input(x)
-    pairs = ops.inverse_kernel_map(x, self.indice_key, self.kernel_size, self._label())
+    self._check_conv_input(x)
+    pairs = inverse_kernel_map(x, self.indice_key, self.kernel_size, self._label())
     return self._convolve(x, pairs, pairs.spec.in_spatial_shape, x.indice_dict, x.overflow)
 
 
-def fixed_ndims(cls: type) -> tuple[type, type, type, type]:
-  """``cls`` with ``num_spatial_dims`` fixed to 1, 2, 3 and 4 (spconv's ``SparseConv3d`` and friends)."""
+class SparseConv1d(SparseConv):
+  """1-D :class:`SparseConv`: its arguments without ``num_spatial_dims``."""
 
-  def fixed(n: int) -> type:
-    def __init__(self, *args, **kwargs):
-      cls.__init__(self, n, *args, **kwargs)
-
-    name = f"{cls.__name__}{n}d"
-    doc = f"{n}-D :class:`{cls.__name__}` (arguments as it, without num_spatial_dims)."
-    namespace = {"__init__": __init__, "__doc__": doc, "__module__": cls.__module__, "__qualname__": name}
-    return type(cls)(name, (cls,), namespace)
-
-  return fixed(1), fixed(2), fixed(3), fixed(4)
+  num_spatial_dims = 1
 
 
-SparseConv1d, SparseConv2d, SparseConv3d, SparseConv4d = fixed_ndims(SparseConv)
-SubMConv1d, SubMConv2d, SubMConv3d, SubMConv4d = fixed_ndims(SubMConv)
-SparseConvTranspose1d, SparseConvTranspose2d, SparseConvTranspose3d, SparseConvTranspose4d = fixed_ndims(
-  SparseConvTranspose
-)
-SparseInverseConv1d, SparseInverseConv2d, SparseInverseConv3d, SparseInverseConv4d = fixed_ndims(
-  SparseInverseConv
-)
+class SparseConv2d(SparseConv):
+  """2-D :class:`SparseConv`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 2
+
+
+class SparseConv3d(SparseConv):
+  """3-D :class:`SparseConv`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 3
+
+
+class SparseConv4d(SparseConv):
+  """4-D :class:`SparseConv`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 4
+
+
+class SubMConv1d(SubMConv):
+  """1-D :class:`SubMConv`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 1
+
+
+class SubMConv2d(SubMConv):
+  """2-D :class:`SubMConv`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 2
+
+
+class SubMConv3d(SubMConv):
+  """3-D :class:`SubMConv`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 3
+
+
+class SubMConv4d(SubMConv):
+  """4-D :class:`SubMConv`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 4
+
+
+class SparseConvTranspose1d(SparseConvTranspose):
+  """1-D :class:`SparseConvTranspose`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 1
+
+
+class SparseConvTranspose2d(SparseConvTranspose):
+  """2-D :class:`SparseConvTranspose`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 2
+
+
+class SparseConvTranspose3d(SparseConvTranspose):
+  """3-D :class:`SparseConvTranspose`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 3
+
+
+class SparseConvTranspose4d(SparseConvTranspose):
+  """4-D :class:`SparseConvTranspose`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 4
+
+
+class SparseInverseConv1d(SparseInverseConv):
+  """1-D :class:`SparseInverseConv`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 1
+
+
+class SparseInverseConv2d(SparseInverseConv):
+  """2-D :class:`SparseInverseConv`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 2
+
+
+class SparseInverseConv3d(SparseInverseConv):
+  """3-D :class:`SparseInverseConv`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 3
+
+
+class SparseInverseConv4d(SparseInverseConv):
+  """4-D :class:`SparseInverseConv`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 4

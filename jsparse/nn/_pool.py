@@ -5,15 +5,8 @@ from __future__ import annotations
 import jax
 
 from jsparse import ops
-from jsparse.nn._conv import BuildsMap, IntOrSeq, SparseModule, fixed_ndims
+from jsparse.nn._base import BuildsMap, IntOrSeq, SparseModule
 from jsparse.tensor import SparseConvTensor
-
-
-def _check_tensor(x: object, ndim: int | None, label: str) -> None:
-  if not isinstance(x, SparseConvTensor):
-    raise TypeError(f"{label} expects a SparseConvTensor, got {type(x).__name__}")
-  if ndim is not None and x.ndim != ndim:
-    raise ValueError(f"{label} expects {ndim} spatial dims, got a tensor over {x.spatial_shape}")
 
 
 class _Pool(SparseModule, BuildsMap):
@@ -23,17 +16,17 @@ class _Pool(SparseModule, BuildsMap):
 
   def __init__(
     self,
-    num_spatial_dims: int,
     kernel_size: IntOrSeq,
     stride: IntOrSeq | None = None,
     padding: IntOrSeq = 0,
     dilation: IntOrSeq = 1,
     indice_key: str | None = None,
     *,
+    num_spatial_dims: int | None = None,
     out_capacity: int | None = None,
   ):
-    self.num_spatial_dims = num_spatial_dims
-    self.kernel_size = ops.ntuple(kernel_size, num_spatial_dims, "kernel_size")
+    n = self._set_spatial_dims(num_spatial_dims)
+    self.kernel_size = ops.ntuple(kernel_size, n, "kernel_size")
     stride = self.kernel_size if stride is None else stride
     self._set_window(stride, padding, dilation, indice_key, out_capacity)
 
@@ -42,7 +35,7 @@ class _Pool(SparseModule, BuildsMap):
 
   def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
     """Pools ``x``: features ``[capacity_in, C]`` -> ``[capacity_out, C]``."""
-    _check_tensor(x, self.num_spatial_dims, self._label())
+    self._check_input(x, self._label())
     spec, pairs, indice_dict, overflow = self._window_map(x, "pool", self._label())
     return x.replace(
       features=type(self)._pool(x.features, pairs),
@@ -59,12 +52,13 @@ _POOL_ARGS = """
   ``SparseInverseConv`` with that key maps back to the input sites.
 
   Args:
-    num_spatial_dims: 1 to 4 (the ``SparseMaxPool3d``-style aliases fix it).
     kernel_size: int or one int per axis.
     stride: int or per axis; ``None`` (the default) means ``kernel_size``.
     padding: int or per axis.
     dilation: int or per axis.
     indice_key: stores the map in the output's ``indice_dict`` under this key (or reuses it).
+    num_spatial_dims: the number of spatial axes; fixed by the 1d-4d classes
+      (``SparseMaxPool3d``), required by the generic one.
     out_capacity: static output row count (see :func:`jsparse.check_capacity`); eagerly ``None``
       sizes the output to fit, under jit it defaults to the input capacity.
 """
@@ -107,7 +101,7 @@ class SparseGlobalMaxPool(SparseModule):
   """
 
   def __call__(self, x: SparseConvTensor) -> jax.Array:
-    _check_tensor(x, None, type(self).__name__)
+    self._check_input(x, type(self).__name__)
     return ops.global_max_pool(x.features, x.indices, x.batch_size)
 
 
@@ -115,9 +109,53 @@ class SparseGlobalAvgPool(SparseModule):
   """Per-sample mean over the active sites: ``[capacity, C]`` -> dense ``[batch_size, C]`` (0 if empty)."""
 
   def __call__(self, x: SparseConvTensor) -> jax.Array:
-    _check_tensor(x, None, type(self).__name__)
+    self._check_input(x, type(self).__name__)
     return ops.global_avg_pool(x.features, x.indices, x.batch_size)
 
 
-SparseMaxPool1d, SparseMaxPool2d, SparseMaxPool3d, SparseMaxPool4d = fixed_ndims(SparseMaxPool)
-SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgPool4d = fixed_ndims(SparseAvgPool)
+class SparseMaxPool1d(SparseMaxPool):
+  """1-D :class:`SparseMaxPool`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 1
+
+
+class SparseMaxPool2d(SparseMaxPool):
+  """2-D :class:`SparseMaxPool`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 2
+
+
+class SparseMaxPool3d(SparseMaxPool):
+  """3-D :class:`SparseMaxPool`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 3
+
+
+class SparseMaxPool4d(SparseMaxPool):
+  """4-D :class:`SparseMaxPool`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 4
+
+
+class SparseAvgPool1d(SparseAvgPool):
+  """1-D :class:`SparseAvgPool`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 1
+
+
+class SparseAvgPool2d(SparseAvgPool):
+  """2-D :class:`SparseAvgPool`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 2
+
+
+class SparseAvgPool3d(SparseAvgPool):
+  """3-D :class:`SparseAvgPool`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 3
+
+
+class SparseAvgPool4d(SparseAvgPool):
+  """4-D :class:`SparseAvgPool`: its arguments without ``num_spatial_dims``."""
+
+  num_spatial_dims = 4

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jsparse.nn._conv import SparseModule
+from jsparse.nn._base import SparseModule
 from jsparse.tensor import SparseConvTensor
 
 

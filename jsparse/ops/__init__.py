@@ -1,27 +1,34 @@
-"""Pure functions on sites, kernel maps and features (jittable, differentiable)."""
+"""Pure functions on arrays and kernel maps (jittable, differentiable); no SparseConvTensor here."""
 
 from jsparse.ops._backend import BACKENDS as BACKENDS
 from jsparse.ops._backend import backend as backend
 from jsparse.ops._backend import current_backend as current_backend
-from jsparse.ops._combine import sparse_add as sparse_add
-from jsparse.ops._combine import sparse_cat as sparse_cat
 from jsparse.ops._conv import sparse_conv as sparse_conv
+from jsparse.ops._gather import gather_rows as gather_rows
+from jsparse.ops._gather import gather_rows_transposed as gather_rows_transposed
 from jsparse.ops._hash_table import HashTable as HashTable
+from jsparse.ops._indices import ACTIVE as ACTIVE
+from jsparse.ops._indices import BAD_BATCH as BAD_BATCH
+from jsparse.ops._indices import DUPLICATE as DUPLICATE
+from jsparse.ops._indices import OUT_OF_GRID as OUT_OF_GRID
+from jsparse.ops._indices import PADDING as PADDING
+from jsparse.ops._indices import STATUS_MEANINGS as STATUS_MEANINGS
 from jsparse.ops._indices import check_indices as check_indices
 from jsparse.ops._kmap import IndicePairs as IndicePairs
 from jsparse.ops._kmap import MapSpec as MapSpec
 from jsparse.ops._kmap import build_map as build_map
 from jsparse.ops._kmap import default_capacity as default_capacity
-from jsparse.ops._kmap import inverse_kernel_map as inverse_kernel_map
 from jsparse.ops._kmap import invert_map as invert_map
-from jsparse.ops._kmap import kernel_map as kernel_map
 from jsparse.ops._kmap import make_spec as make_spec
 from jsparse.ops._kmap import map_for_outputs as map_for_outputs
 from jsparse.ops._kmap import ntuple as ntuple
 from jsparse.ops._kmap import output_sites as output_sites
+from jsparse.ops._kmap import unique_sites as unique_sites
 from jsparse.ops._pool import global_avg_pool as global_avg_pool
 from jsparse.ops._pool import global_max_pool as global_max_pool
 from jsparse.ops._pool import sparse_avg_pool as sparse_avg_pool
 from jsparse.ops._pool import sparse_max_pool as sparse_max_pool
+from jsparse.ops._voxelize import Voxels as Voxels
+from jsparse.ops._voxelize import grid_size as grid_size
 from jsparse.ops._voxelize import points_in_range as points_in_range
 from jsparse.ops._voxelize import voxelize as voxelize

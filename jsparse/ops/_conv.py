@@ -17,16 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jsparse import _ffi
 from jsparse.ops import _backend
+from jsparse.ops._gather import gather_rows
 from jsparse.ops._kmap import IndicePairs
-
-
-def gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
-  """``x[rows]`` with zeros where ``rows`` is -1. ``x [N, C]``, ``rows int32 [M]`` -> ``[M, C]``."""
-  if x.shape[0] == 0:
-    return jnp.zeros((rows.shape[0], x.shape[1]), x.dtype)
-  picked = jnp.take(x, jnp.maximum(rows, 0), axis=0, mode="clip")
-  return jnp.where((rows >= 0)[:, None], picked, jnp.zeros((), x.dtype))
 
 
 def _grouped_matmul(x: jax.Array, w: jax.Array, groups: int, precision) -> jax.Array:
@@ -80,10 +74,12 @@ def _gather_gemm(features, kernel, nbr, groups, precision, reverse_taps=False) -
   The FFI kernel always multiplies in full float32 (``precision`` only affects the reference).
   """
   out = jax.ShapeDtypeStruct((nbr.shape[0], kernel.shape[2]), features.dtype)
-  ffi = jax.ffi.ffi_call("jsparse_conv_gather_gemm", out, vmap_method="sequential")
+  target = "jsparse_conv_gather_gemm"
   return _backend.dispatch(
-    "jsparse_conv_gather_gemm",
-    lambda x, w, rows: ffi(x, w, rows, groups=np.int64(groups), reverse_taps=np.int64(reverse_taps)),
+    target,
+    lambda x, w, rows: _ffi.call(
+      target, out, x, w, rows, groups=np.int64(groups), reverse_taps=np.int64(reverse_taps)
+    ),
     lambda x, w, rows: _gather_matmul(
       x, w, rows[:, ::-1] if reverse_taps else rows, groups, precision
     ).astype(x.dtype),
@@ -96,10 +92,10 @@ def _gather_gemm(features, kernel, nbr, groups, precision, reverse_taps=False) -
 def _weight_grad(features, d_out, nbr, groups, precision, kernel_shape) -> jax.Array:
   """The kernel gradient ``[K, a, G * b]`` in ``features.dtype``."""
   out = jax.ShapeDtypeStruct(kernel_shape, features.dtype)
-  ffi = jax.ffi.ffi_call("jsparse_conv_weight_grad", out, vmap_method="sequential")
+  target = "jsparse_conv_weight_grad"
   return _backend.dispatch(
-    "jsparse_conv_weight_grad",
-    lambda x, dy, rows: ffi(x, dy, rows, groups=np.int64(groups)),
+    target,
+    lambda x, dy, rows: _ffi.call(target, out, x, dy, rows, groups=np.int64(groups)),
     lambda x, dy, rows: _weight_grad_reference(x, dy, rows, groups, precision),
     features,
     d_out,
@@ -118,30 +114,22 @@ def _conv_fwd(features, kernel, nbr, nbr_t, groups, precision):
 
 def _backward_symmetric(features, d_out, kernel_t, nbr, groups, precision, kernel_shape):
   """``(d_features, d_kernel)`` over an odd submanifold map, whose transpose is ``nbr`` with its
-  taps reversed.
+  taps reversed: one FFI call for both gradients (the kernel may share the pairs and the gathered
+  ``d_out`` rows between them), or the reference path's two separate computations."""
 
-  float32 layers whose channels per group fill the CPU micro-kernel's blocks (C_in multiple of 8,
-  C_out of 16) take one FFI call for both gradients, which shares the pairs and the gathered
-  ``d_out`` rows; everything else (and other platforms) takes the two separate kernels.
-  """
-
-  def separate(x, dy, w_t, rows):
+  def reference(x, dy, w_t, rows):
     d_features = _gather_gemm(dy, w_t, rows, groups, precision, reverse_taps=True)
     return d_features, _weight_grad(x, dy, rows, groups, precision, kernel_shape)
 
-  a, b = kernel_shape[1], kernel_shape[2] // groups
-  # The handler's FillsGemmBlocks: 8 micro-kernel rows, and 16 lanes (the widest instruction set's).
-  if features.dtype != jnp.float32 or a % 8 or b % 16:
-    return separate(features, d_out, kernel_t, nbr)
   out = (
     jax.ShapeDtypeStruct(features.shape, features.dtype),
     jax.ShapeDtypeStruct(kernel_shape, features.dtype),
   )
-  ffi = jax.ffi.ffi_call("jsparse_conv_backward_symmetric", out, vmap_method="sequential")
+  target = "jsparse_conv_backward_symmetric"
   return _backend.dispatch(
-    "jsparse_conv_backward_symmetric",
-    lambda x, dy, w_t, rows: tuple(ffi(x, dy, w_t, rows, groups=np.int64(groups))),
-    separate,
+    target,
+    lambda x, dy, w_t, rows: tuple(_ffi.call(target, out, x, dy, w_t, rows, groups=np.int64(groups))),
+    reference,
     features,
     d_out,
     kernel_t,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jsparse import _ffi
 from jsparse._capacity import CapacityError, is_concrete, round_capacity
 from jsparse.ops import _backend
 
@@ -151,37 +152,28 @@ def _insert_exist_keys_reference(table_keys, table_values, keys, values):
 
 
 # ---- the FFI kernels (xla_ffi/cpu/hash_table.cc) --------------------------------------------
-# Result types come from the operands' types (jax.typeof) so that they carry shard_map's
-# varying-axes type; vmap adds the same leading dimensions to every operand.
+
+
+def _like(x, dtype=None):
+  return jax.ShapeDtypeStruct(x.shape, x.dtype if dtype is None else dtype)
 
 
 def _insert_ffi(table_keys, table_values, dropped, keys, values):
-  call = jax.ffi.ffi_call(
-    "jsparse_hash_table_insert",
-    (jax.typeof(table_keys), jax.typeof(table_values), jax.typeof(dropped)),
-    vmap_method="broadcast_all",
-    input_output_aliases={0: 0, 1: 1, 2: 2},
-  )
-  return call(table_keys, table_values, dropped, keys, values)
+  results = (_like(table_keys), _like(table_values), _like(dropped))
+  operands = (table_keys, table_values, dropped, keys, values)
+  aliases = {0: 0, 1: 1, 2: 2}
+  return _ffi.call("jsparse_hash_table_insert", results, *operands, input_output_aliases=aliases)
 
 
 def _query_ffi(table_keys, table_values, keys):
-  call = jax.ffi.ffi_call(
-    "jsparse_hash_table_query",
-    (jax.typeof(keys).update(dtype=table_values.dtype), jax.typeof(keys).update(dtype=jnp.bool_)),
-    vmap_method="broadcast_all",
-  )
-  return call(table_keys, table_values, keys)
+  results = (_like(keys, table_values.dtype), _like(keys, jnp.bool_))
+  return _ffi.call("jsparse_hash_table_query", results, table_keys, table_values, keys)
 
 
 def _insert_exist_keys_ffi(table_keys, table_values, keys, values):
-  call = jax.ffi.ffi_call(
-    "jsparse_hash_table_insert_exist_keys",
-    (jax.typeof(table_values), jax.typeof(keys).update(dtype=jnp.bool_)),
-    vmap_method="broadcast_all",
-    input_output_aliases={1: 0},
-  )
-  return call(table_keys, table_values, keys, values)
+  results = (_like(table_values), _like(keys, jnp.bool_))
+  operands = (table_keys, table_values, keys, values)
+  return _ffi.call("jsparse_hash_table_insert_exist_keys", results, *operands, input_output_aliases={1: 0})
 
 
 # ---- dispatch, jitted so that eager (spconv-style) calls compile once per shape and backend ---

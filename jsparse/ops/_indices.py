@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsparse import _ffi
 from jsparse.ops import _backend, _keys
 
 # Per-row status codes of check_indices (the C++ and CUDA kernels use the same numbers).
@@ -35,12 +36,13 @@ def _range_status_reference(indices, spatial_shape, batch_size):
 
 
 def _range_status_ffi(indices, spatial_shape, batch_size):
-  call = jax.ffi.ffi_call(
+  return _ffi.call(
     "jsparse_check_indices",
     jax.ShapeDtypeStruct(indices.shape[:1], jnp.int32),
-    vmap_method="broadcast_all",
+    indices,
+    spatial_shape=np.asarray(spatial_shape, np.int64),
+    batch_size=np.int64(batch_size),
   )
-  return call(indices, spatial_shape=np.asarray(spatial_shape, np.int64), batch_size=np.int64(batch_size))
 
 
 def check_indices(indices: jax.Array, spatial_shape: Sequence[int], batch_size: int) -> jax.Array:
@@ -67,7 +69,12 @@ def check_indices(indices: jax.Array, spatial_shape: Sequence[int], batch_size: 
       f"indices must be int32 [N, 1 + ndim] = [N, {1 + len(spatial_shape)}] for spatial_shape "
       f"{spatial_shape}, got {indices.dtype} {indices.shape}"
     )
-  radices = _keys.key_radices(batch_size, spatial_shape)  # validates the extents
+  _keys.key_radices(batch_size, spatial_shape)  # validates the extents
+  return _check_indices(indices, spatial_shape, batch_size)
+
+
+def _check_indices_impl(indices: jax.Array, spatial_shape: tuple[int, ...], batch_size: int) -> jax.Array:
+  radices = _keys.key_radices(batch_size, spatial_shape)
   status = _backend.dispatch(
     "jsparse_check_indices",
     lambda i: _range_status_ffi(i, spatial_shape, batch_size),
@@ -80,4 +87,4 @@ def check_indices(indices: jax.Array, spatial_shape: Sequence[int], batch_size: 
   return jnp.where(duplicate, DUPLICATE, status)
 
 
-check_indices_jit = _backend.jit(check_indices, static_argnames=("spatial_shape", "batch_size"))
+_check_indices = _backend.jit(_check_indices_impl, static_argnames=("spatial_shape", "batch_size"))

@@ -20,14 +20,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsparse._capacity import CapacityError, is_concrete, overflow_entry
+from jsparse import _ffi
 from jsparse.ops import _backend, _keys
 
 KINDS = ("subm", "conv", "transpose", "pool")
@@ -268,10 +268,10 @@ def _output_sites(
     jax.ShapeDtypeStruct((capacity, indices.shape[1]), jnp.int32),
     jax.ShapeDtypeStruct((), jnp.int32),
   )
-  ffi = jax.ffi.ffi_call("jsparse_kmap_output_sites", outputs, vmap_method="sequential")
+  target = "jsparse_kmap_output_sites"
   return _backend.dispatch(
-    "jsparse_kmap_output_sites",
-    lambda i: ffi(i, **_geometry_attrs(spec, batch_size)),
+    target,
+    lambda i: _ffi.call(target, outputs, i, **_geometry_attrs(spec, batch_size)),
     lambda i: _output_sites_reference(i, spec, batch_size, capacity),
     indices,
   )
@@ -294,10 +294,12 @@ def _map_arrays(spec, batch_size, indices, out_indices, with_transpose, symmetri
     jax.ShapeDtypeStruct((out_indices.shape[0], k), jnp.int32),
     jax.ShapeDtypeStruct((t_rows, k), jnp.int32),
   )
-  ffi = jax.ffi.ffi_call("jsparse_kmap_neighbors", outputs, vmap_method="sequential")
+  target = "jsparse_kmap_neighbors"
   return _backend.dispatch(
-    "jsparse_kmap_neighbors",
-    lambda i, o: ffi(i, o, symmetric=np.int64(symmetric), **_geometry_attrs(spec, batch_size)),
+    target,
+    lambda i, o: _ffi.call(
+      target, outputs, i, o, symmetric=np.int64(symmetric), **_geometry_attrs(spec, batch_size)
+    ),
     reference,
     indices,
     out_indices,
@@ -344,9 +346,9 @@ def _created_map(indices: jax.Array, spec: MapSpec, batch_size: int, capacity: i
     jax.ShapeDtypeStruct((capacity, k), jnp.int32),
     jax.ShapeDtypeStruct((indices.shape[0], k), jnp.int32),
   )
-  ffi = jax.ffi.ffi_call("jsparse_kmap_build", outputs, vmap_method="sequential")
+  target = "jsparse_kmap_build"
   out_indices, num_out, nbr, nbr_t = _backend.dispatch(
-    "jsparse_kmap_build", lambda i: ffi(i, **_geometry_attrs(spec, batch_size)), reference, indices
+    target, lambda i: _ffi.call(target, outputs, i, **_geometry_attrs(spec, batch_size)), reference, indices
   )
   return IndicePairs(nbr, nbr_t, indices, out_indices, num_out, spec, batch_size)
 
@@ -392,99 +394,24 @@ def default_capacity(spec: MapSpec, in_capacity: int) -> int:
   return in_capacity * math.prod(spec.stride) if spec.kind == "transpose" else in_capacity
 
 
-def _known_keys(indice_dict: Mapping[str, Any]) -> str:
-  return ", ".join(repr(k) for k in indice_dict) or "none"
-
-
-def kernel_map(
-  x: Any,
-  spec: MapSpec,
-  indice_key: str | None = None,
-  out_capacity: int | None = None,
-  label: str = "layer",
-) -> tuple[IndicePairs, dict[str, IndicePairs], dict[str, jax.Array]]:
-  """Finds or builds the map a layer needs, as spconv's ``indice_key`` cache does.
-
-  A map stored under ``indice_key`` with the same spec is reused; one with a different spec is an
-  error. A new map is stored under ``indice_key`` (when given). Eagerly, a ``None``
-  ``out_capacity`` sizes the output to fit and a too-small one raises :class:`CapacityError`;
-  under jit the default is :func:`default_capacity` and a shortfall is recorded in ``overflow``.
+def unique_sites(indices: jax.Array, spatial_shape: Sequence[int], batch_size: int, capacity: int):
+  """The distinct active sites of ``indices``, sorted by (batch, coords).
 
   Args:
-    x: the input ``SparseConvTensor``.
-    spec: the geometry the layer needs (``spec.in_spatial_shape`` must be ``x.spatial_shape``).
-    indice_key: the key to reuse or store the map under.
-    out_capacity: static output capacity for maps that create sites.
-    label: names the layer in errors and overflow records.
+    indices: int32 ``[N, 1 + ndim]``; padding rows (batch -1) are skipped, repeated sites kept once.
+    spatial_shape: the grid.
+    batch_size: static batch size.
+    capacity: static number of output rows.
 
   Returns:
-    ``(pairs, indice_dict, overflow)``: the map and the dicts the output tensor carries.
+    ``(sites int32 [capacity, 1 + ndim], num_sites int32 [])``: the first ``capacity`` sites
+    (padding rows -1) and how many exist.
+
+  >>> import jax.numpy as jnp
+  >>> idx = jnp.array([[0, 3], [-1, -1], [0, 1], [0, 3]], jnp.int32)
+  >>> sites, n = unique_sites(idx, (4,), 1, 3)
+  >>> sites.tolist(), int(n)
+  ([[0, 1], [0, 3], [-1, -1]], 2)
   """
-  indice_dict, overflow = dict(x.indice_dict), dict(x.overflow)
-  if indice_key is not None and indice_key in indice_dict:
-    pairs = indice_dict[indice_key]
-    if pairs.spec != spec or pairs.batch_size != x.batch_size:
-      raise ValueError(
-        f"{label}: indice_key {indice_key!r} holds a map built for {pairs.spec} "
-        f"(batch_size={pairs.batch_size}), but this layer needs {spec} "
-        f"(batch_size={x.batch_size}). Give layers with different geometry different keys. "
-        f"Known keys: {_known_keys(indice_dict)}."
-      )
-    if pairs.in_indices.shape != x.indices.shape:
-      raise ValueError(
-        f"{label}: indice_key {indice_key!r} holds a map built on {pairs.in_indices.shape[0]} "
-        f"input rows, but the input has capacity {x.capacity}; a key can only be reused by "
-        "tensors with the sites the map was built on."
-      )
-    return pairs, indice_dict, overflow
-
-  if spec.kind == "subm":
-    pairs = build_map(x.indices, spec, x.batch_size)
-  elif is_concrete(x.indices):
-    sites, needed = output_sites(x.indices, spec, x.batch_size, x.capacity * spec.kernel_volume)
-    needed = int(needed)
-    if out_capacity is not None and needed > out_capacity:
-      raise CapacityError(
-        f"{label}: the output has {needed} active sites but out_capacity={out_capacity}; pass "
-        f"out_capacity >= {needed}, or leave it None to size the output to fit when eager."
-      )
-    capacity = needed if out_capacity is None else out_capacity
-    sites = jnp.pad(sites[:capacity], ((0, max(0, capacity - sites.shape[0])), (0, 0)), constant_values=-1)
-    pairs = map_for_outputs(x.indices, sites, jnp.int32(needed), spec, x.batch_size)
-  else:
-    capacity = default_capacity(spec, x.capacity) if out_capacity is None else out_capacity
-    pairs = build_map(x.indices, spec, x.batch_size, capacity)
-    overflow[f"{len(overflow):03d} {label}"] = overflow_entry(pairs.num_out, capacity)
-  if indice_key is not None:
-    indice_dict[indice_key] = pairs
-  return pairs, indice_dict, overflow
-
-
-def inverse_kernel_map(
-  x: Any, indice_key: str, kernel_size: tuple[int, ...], label: str = "layer"
-) -> IndicePairs:
-  """The map of ``SparseInverseConv(indice_key=...)``: the stored map, inverted.
-
-  Raises:
-    ValueError: the key is unknown, its kernel size differs, or ``x`` is not that map's output.
-  """
-  if indice_key not in x.indice_dict:
-    raise ValueError(
-      f"{label}: unknown indice_key {indice_key!r}. An inverse convolution needs the map that an "
-      f"earlier strided layer stored under this key (e.g. SparseConv3d(..., "
-      f"indice_key={indice_key!r})). Known keys: {_known_keys(x.indice_dict)}."
-    )
-  pairs = x.indice_dict[indice_key]
-  if pairs.spec.kernel_size != kernel_size:
-    raise ValueError(
-      f"{label}: indice_key {indice_key!r} holds a map with kernel_size="
-      f"{pairs.spec.kernel_size}, but this layer has kernel_size={kernel_size}; an inverse "
-      "convolution must use the kernel size of the layer it inverts."
-    )
-  if pairs.out_capacity != x.capacity or pairs.spec.out_spatial_shape != x.spatial_shape:
-    raise ValueError(
-      f"{label}: indice_key {indice_key!r} maps to {pairs.out_capacity} rows over "
-      f"{pairs.spec.out_spatial_shape}, but the input has capacity {x.capacity} over "
-      f"{x.spatial_shape}; the input must be the output of the layer that stored the key."
-    )
-  return invert_map(pairs)
+  # A 1x1 "conv" map's output sites are its input sites, deduplicated and sorted.
+  return output_sites(indices, make_spec("conv", spatial_shape, 1), batch_size, capacity)

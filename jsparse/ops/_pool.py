@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jsparse import _ffi
 from jsparse.ops import _backend
-from jsparse.ops._conv import gather_rows
+from jsparse.ops._gather import gather_rows
 from jsparse.ops._kmap import IndicePairs
 
 
@@ -76,14 +77,14 @@ def _max_pool_with_arg(x, nbr):
     jax.ShapeDtypeStruct((nbr.shape[0], x.shape[1]), x.dtype),
     jax.ShapeDtypeStruct((nbr.shape[0], x.shape[1]), jnp.int32),
   )
-  ffi = jax.ffi.ffi_call("jsparse_pool_max", outputs, vmap_method="sequential")
-  return _backend.dispatch("jsparse_pool_max", ffi, _max_reference, x, nbr)
+  target = "jsparse_pool_max"
+  return _backend.dispatch(target, lambda *a: _ffi.call(target, outputs, *a), _max_reference, x, nbr)
 
 
 def _max_pool_grad(dy, arg, nbr_t):
   out = jax.ShapeDtypeStruct((nbr_t.shape[0], dy.shape[1]), dy.dtype)
-  ffi = jax.ffi.ffi_call("jsparse_pool_max_grad", out, vmap_method="sequential")
-  return _backend.dispatch("jsparse_pool_max_grad", ffi, _max_grad_reference, dy, arg, nbr_t)
+  target = "jsparse_pool_max_grad"
+  return _backend.dispatch(target, lambda *a: _ffi.call(target, out, *a), _max_grad_reference, dy, arg, nbr_t)
 
 
 @jax.custom_vjp
@@ -155,17 +156,17 @@ def _gather_sum_reference(scaled, nbr_t, dtype):
 
 def _avg_pool_forward(x, nbr, counts):
   out = jax.ShapeDtypeStruct((nbr.shape[0], x.shape[1]), x.dtype)
-  ffi = jax.ffi.ffi_call("jsparse_pool_avg", out, vmap_method="sequential")
-  return _backend.dispatch("jsparse_pool_avg", ffi, _avg_reference, x, nbr, counts)
+  target = "jsparse_pool_avg"
+  return _backend.dispatch(target, lambda *a: _ffi.call(target, out, *a), _avg_reference, x, nbr, counts)
 
 
 def _avg_pool_grad(dy, counts, nbr_t):
   # The scaling is one XLA op shared by both backends; the kernels only gather and sum.
   scaled = dy.astype(jnp.float32) * _reciprocal(counts)[:, None]
   out = jax.ShapeDtypeStruct((nbr_t.shape[0], dy.shape[1]), dy.dtype)
-  ffi = jax.ffi.ffi_call("jsparse_pool_avg_grad", out, vmap_method="sequential")
+  target = "jsparse_pool_avg_grad"
   reference = lambda s, n: _gather_sum_reference(s, n, dy.dtype)  # noqa: E731
-  return _backend.dispatch("jsparse_pool_avg_grad", ffi, reference, scaled, nbr_t)
+  return _backend.dispatch(target, lambda *a: _ffi.call(target, out, *a), reference, scaled, nbr_t)
 
 
 @jax.custom_vjp

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jsparse import _ffi
 from jsparse.ops import _backend
 
 _TARGET = "jsparse_voxelize"
@@ -180,20 +181,14 @@ def _fill_empty_with_mean(voxels: jax.Array, counts: jax.Array) -> jax.Array:
   return jnp.where(empty[:, :, None], mean[:, None, :], voxels)
 
 
-def _handler(num_points, features, ndim, max_voxels, max_points, reuse):
-  """The FFI call; with ``reuse`` it aliases its third argument (a donated old voxels array,
-  never read) to the voxels it returns."""
+def _results(num_points, features, ndim, max_voxels, max_points):
+  """The shapes of the FFI results, in :class:`Voxels` order."""
 
   def int32(*shape):
     return jax.ShapeDtypeStruct(shape, jnp.int32)
 
   voxels = jax.ShapeDtypeStruct((max_voxels, max_points, features), jnp.float32)
-  return jax.ffi.ffi_call(
-    _TARGET,
-    (voxels, int32(max_voxels, ndim), int32(max_voxels), int32(num_points), int32()),
-    input_output_aliases={2: 0} if reuse else None,
-    vmap_method="sequential",
-  )
+  return (voxels, int32(max_voxels, ndim), int32(max_voxels), int32(num_points), int32())
 
 
 def _geometry_attributes(vsize, low, grid):
@@ -206,10 +201,17 @@ def _geometry_attributes(vsize, low, grid):
 
 
 def _voxelize_ffi(points, num_points, vsize, low, grid, max_voxels, max_points, empty_mean, reuse=None):
-  call = _handler(points.shape[0], points.shape[1], len(grid), max_voxels, max_points, reuse is not None)
-  reused = jnp.zeros(0, jnp.float32) if reuse is None else reuse
-  outputs = call(
-    points, num_points, reused, **_geometry_attributes(vsize, low, grid), empty_mean=np.int64(empty_mean)
+  # With reuse, the donated old voxels (never read) are aliased to the voxels result.
+  results = _results(points.shape[0], points.shape[1], len(grid), max_voxels, max_points)
+  outputs = _ffi.call(
+    _TARGET,
+    results,
+    points,
+    num_points,
+    jnp.zeros(0, jnp.float32) if reuse is None else reuse,
+    input_output_aliases=None if reuse is None else {2: 0},
+    **_geometry_attributes(vsize, low, grid),
+    empty_mean=np.int64(empty_mean),
   )
   return Voxels(*outputs)
 

@@ -3,5 +3,7 @@
 from jsparse.utils._io import read_points as read_points
 from jsparse.utils._io import write_points as write_points
 from jsparse.utils._voxelize import PointToVoxel as PointToVoxel
+from jsparse.utils._voxelize import bounding_range as bounding_range
 from jsparse.utils._voxelize import gather_features_by_pc_voxel_id as gather_features_by_pc_voxel_id
 from jsparse.utils._voxelize import mean_voxel_features as mean_voxel_features
+from jsparse.utils._voxelize import voxelize_mean as voxelize_mean

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsparse._capacity import is_concrete, overflow_entry
-from jsparse.ops import voxelize
-from jsparse.ops._voxelize import Voxels, grid_size
+from jsparse.ops import Voxels, grid_size, voxelize
 
 
 class PointToVoxel:
@@ -26,7 +25,7 @@ class PointToVoxel:
   Shapes: eager calls return spconv's values, the ``V`` voxels that exist (at most
   ``max_num_voxels``). Under ``jit`` shapes are static: outputs have ``max_num_voxels`` rows, padding
   rows with coords -1 and zero counts. :meth:`generate` always returns the padded
-  :class:`~jsparse.ops._voxelize.Voxels`, with ``num_voxels``.
+  :class:`jsparse.ops.Voxels`, with ``num_voxels``.
 
   Overflow: spconv drops voxels silently. Here an eager call that drops voxels warns, and under
   jit :meth:`overflow` turns a :meth:`generate` result into a record for
@@ -120,7 +119,7 @@ class PointToVoxel:
         :func:`jsparse.ops.voxelize`): ``out = gen.generate(pc, reuse=out.voxels)``.
 
     Returns:
-      :class:`~jsparse.ops._voxelize.Voxels`: voxels ``[max_num_voxels, M, F]``, coords int32
+      :class:`jsparse.ops.Voxels`: voxels ``[max_num_voxels, M, F]``, coords int32
       ``[max_num_voxels, ndim]`` (zyx), num_points_per_voxel ``[max_num_voxels]``, pc_voxel_id
       ``[P]``, num_voxels ``[]`` (the voxels the points open, possibly more than fit).
     """
@@ -224,3 +223,48 @@ def mean_voxel_features(voxels: jax.Array, num_points_per_voxel: jax.Array) -> j
   total = jnp.sum(jnp.where(slots[:, :, None], voxels, 0), axis=1)
   count = jnp.maximum(num_points_per_voxel, 1).astype(voxels.dtype)[:, None]
   return total / count
+
+
+def bounding_range(points: np.ndarray, voxel_size: Sequence[float]) -> list[float]:
+  """A ``coors_range_xyz`` for :class:`PointToVoxel` that holds every finite point of
+  ``points [P, >= 3]``: the minima, then the minima plus whole voxels past the maxima (one spare,
+  against rounding).
+
+  >>> bounding_range(np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 0.5]], np.float32), [1.0, 1.0, 1.0])
+  [0.0, 0.0, 0.0, 3.0, 4.0, 2.0]
+  """
+  xyz = points[:, :3][np.all(np.isfinite(points[:, :3]), axis=1)]
+  if len(xyz) == 0:
+    raise ValueError("the point cloud has no point with finite x, y, z")
+  size = np.asarray(voxel_size, np.float64)
+  low = xyz.min(0).astype(np.float64)
+  high = low + size * (np.floor((xyz.max(0) - low) / size) + 2)
+  return [*low.tolist(), *high.tolist()]
+
+
+def voxelize_mean(points: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+  """Mean-pooled cubic voxels of ``points [P, F]`` (x, y, z first) over their bounding box, on the
+  host (numpy): every point counts, however many share a voxel.
+
+  Voxel ids come from :class:`PointToVoxel`; each voxel's features are the mean of all its
+  points.
+
+  Returns:
+    ``(features [V, F] per-voxel means, coords int32 [V, 3] in zyx order sorted, spatial_shape zyx)``.
+
+  >>> import numpy as np
+  >>> pts = np.array([[0.1, 0.1, 0.1, 1.0], [0.2, 0.1, 0.1, 3.0], [1.5, 0.1, 0.1, 5.0]], np.float32)
+  >>> features, coords, shape = voxelize_mean(pts, 1.0)
+  >>> features[:, 3].tolist(), coords.tolist()
+  ([2.0, 5.0], [[0, 0, 0], [0, 0, 1]])
+  """
+  points = np.asarray(points, np.float32)
+  size = [float(voxel_size)] * 3
+  gen = PointToVoxel(size, bounding_range(points, size), points.shape[1], len(points), 1)
+  _, coords, _, ids = (np.asarray(a) for a in gen.generate_voxel_with_id(points))
+  kept = ids >= 0
+  sums = np.zeros((len(coords), points.shape[1]))
+  np.add.at(sums, ids[kept], points[kept])
+  counts = np.bincount(ids[kept], minlength=len(coords))
+  order = np.lexsort(coords.T[::-1])
+  return (sums / counts[:, None])[order].astype(np.float32), coords[order], gen.spatial_shape

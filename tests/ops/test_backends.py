@@ -261,14 +261,49 @@ def test_handlers_reject_bad_arguments():
 
   x, dy, kernel_t = jnp.ones((4, 8)), jnp.ones((4, 16)), jnp.ones((9, 16, 8))
   backward(x, dy, kernel_t, nbr)  # well formed
-  with pytest.raises(Exception, match="float32 only"):
-    backward(
-      x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16), kernel_t.astype(jnp.bfloat16), nbr, jnp.bfloat16
-    )
+  with pytest.raises(Exception, match="must have the features' dtype"):
+    backward(x, dy.astype(jnp.bfloat16), kernel_t, nbr)
   with pytest.raises(Exception, match="expects a submanifold map"):
     backward(x, dy[:3], kernel_t, nbr[:3])
-  with pytest.raises(Exception, match="C_in // groups divisible by 8"):
-    backward(x[:, :6], dy, kernel_t[:, :, :6], nbr)
+
+
+@pytest.mark.parametrize(
+  ("dtype", "c_in", "c_out", "groups", "one_pass"),
+  [
+    (jnp.float32, 16, 32, 1, True),  # channel blocks that fill the micro-kernel's: one pass
+    (jnp.float32, 16, 32, 2, True),
+    (jnp.float32, 6, 10, 1, False),
+    (jnp.bfloat16, 16, 32, 1, False),
+    (jnp.float16, 8, 16, 1, False),
+  ],
+)
+def test_backward_symmetric_equals_the_separate_kernels(dtype, c_in, c_out, groups, one_pass):
+  """One target for both gradients of an odd submanifold map, whatever the dtype and channels:
+  the kernel picks its path. The input gradient is the separate gather-GEMM's (reversed taps)
+  bit for bit; so is the kernel gradient, except on the one-pass path, which sums its pairs in
+  input-row order instead of output-row order (equal up to rounding)."""
+  rng = np.random.default_rng(3)
+  sites = random_sites(rng, 2, (9, 8, 7), 300)
+  indices = jnp.asarray(np.concatenate([sites, np.full((7, 4), -1, np.int32)]))
+  pairs = ops.build_map(indices, ops.make_spec("subm", (9, 8, 7), 3), 2)
+  x = jnp.asarray(rng.standard_normal((indices.shape[0], c_in)), dtype)
+  dy = jnp.asarray(rng.standard_normal((indices.shape[0], c_out)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((27, c_in // groups, c_out)), dtype)
+  kernel_t = ops._conv._transpose_kernel(kernel, groups)
+  with jsparse.backend("ffi"):
+    one = jax.jit(ops._conv._backward_symmetric, static_argnums=(4, 5, 6))(
+      x, dy, kernel_t, pairs.nbr, groups, None, kernel.shape
+    )
+    d_features = jax.jit(ops._conv._gather_gemm, static_argnums=(3, 4, 5))(
+      dy, kernel_t, pairs.nbr, groups, None, True
+    )
+    weight_grad = jax.jit(ops._conv._weight_grad, static_argnums=(3, 4, 5))
+    d_kernel = weight_grad(x, dy, pairs.nbr, groups, None, kernel.shape)
+  np.testing.assert_array_equal(np.asarray(one[0], np.float32), np.asarray(d_features, np.float32))
+  if one_pass:
+    np.testing.assert_allclose(one[1], d_kernel, rtol=1e-5, atol=1e-4)
+  else:
+    np.testing.assert_array_equal(np.asarray(one[1], np.float32), np.asarray(d_kernel, np.float32))
 
 
 ISA_SCRIPT = """

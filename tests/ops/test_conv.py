@@ -14,6 +14,7 @@ from jax.test_util import check_grads
 
 import dense_oracle
 from jsparse import ops
+from jsparse.tensor import kernel_map
 from sparse_data import random_tensor
 
 ATOL = 1e-4
@@ -125,7 +126,7 @@ def test_inverse_conv_matches_dense_transpose(data):
   g = data.draw(geometries("conv"))
   rng, x, kernel, bias = _setup(g)
   spec = g["spec"]
-  conv_pairs, _, _ = ops.kernel_map(x, spec)  # eager: sized to fit
+  conv_pairs, _, _ = kernel_map(x, spec)  # eager: sized to fit
   features = jnp.asarray(rng.standard_normal((conv_pairs.out_capacity, g["c_in"])), jnp.float32)
   y = x.replace(features=features, indices=conv_pairs.out_indices, spatial_shape=spec.out_spatial_shape)
   pairs_fn = lambda indices: ops.invert_map(conv_pairs)  # noqa: E731
@@ -142,7 +143,7 @@ def test_inverse_conv_matches_dense_transpose(data):
 def test_check_grads_numerically():
   rng = np.random.default_rng(0)
   x = random_tensor(rng, 2, (5, 6), 4, 20, padding_rows=3)
-  pairs, _, _ = ops.kernel_map(x, ops.make_spec("conv", x.spatial_shape, (3, 2), 2, 1))
+  pairs, _, _ = kernel_map(x, ops.make_spec("conv", x.spatial_shape, (3, 2), 2, 1))
   kernel = jnp.asarray(rng.standard_normal((3, 2, 2, 4)), jnp.float32)
   f = lambda features, kernel: ops.sparse_conv(features, kernel, pairs, groups=2)  # noqa: E731
   check_grads(f, (x.features, kernel), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
@@ -152,7 +153,7 @@ def test_check_grads_numerically():
 def test_low_precision_accumulates_in_float32(dtype):
   rng = np.random.default_rng(1)
   x = random_tensor(rng, 1, (6, 6, 6), 16, 80)
-  pairs, _, _ = ops.kernel_map(x, ops.make_spec("subm", x.spatial_shape, 3))
+  pairs, _, _ = kernel_map(x, ops.make_spec("subm", x.spatial_shape, 3))
   kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 16, 8)) / 8, jnp.float32)
   want = ops.sparse_conv(
     x.features.astype(dtype).astype(jnp.float32), kernel.astype(dtype).astype(jnp.float32), pairs
@@ -174,7 +175,7 @@ def test_jit_vmap_and_grad_compose():
   x = random_tensor(rng, 2, (8, 8), 3, 30, padding_rows=2)
   spec = ops.make_spec("conv", x.spatial_shape, 3, 2, 1)
   kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 5)), jnp.float32)
-  eager_pairs, _, _ = ops.kernel_map(x, spec)
+  eager_pairs, _, _ = kernel_map(x, spec)
 
   @jax.jit
   def run(indices, features, kernel):
@@ -195,7 +196,7 @@ def test_jit_vmap_and_grad_compose():
 def test_bad_arguments_are_explained():
   rng = np.random.default_rng(3)
   x = random_tensor(rng, 1, (4, 4), 4, 5)
-  pairs, _, _ = ops.kernel_map(x, ops.make_spec("subm", x.spatial_shape, 3))
+  pairs, _, _ = kernel_map(x, ops.make_spec("subm", x.spatial_shape, 3))
   with pytest.raises(ValueError, match="kernel_size"):
     ops.sparse_conv(x.features, jnp.ones((2, 2, 4, 4)), pairs)
   with pytest.raises(ValueError, match="groups"):
@@ -214,7 +215,7 @@ def test_bad_arguments_are_explained():
 def test_precision_is_passed_to_the_matmuls():
   rng = np.random.default_rng(4)
   x = random_tensor(rng, 1, (6, 6), 8, 20)
-  pairs, _, _ = ops.kernel_map(x, ops.make_spec("subm", x.spatial_shape, 3))
+  pairs, _, _ = kernel_map(x, ops.make_spec("subm", x.spatial_shape, 3))
   kernel = jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.float32)
   lowered = jax.jit(lambda f, k: ops.sparse_conv(f, k, pairs, precision="highest")).lower(x.features, kernel)
   assert "HIGHEST" in lowered.as_text().upper()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jsparse
-from jsparse import ops
+from jsparse import _ffi, ops
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def gpu():
     device = jax.devices("cuda")[0]
   except RuntimeError:
     pytest.skip("no CUDA device (jax has no CUDA backend here)")
-  if not jsparse.build_info()["cuda_ffi"]:
+  if not _ffi.built("cuda"):
     pytest.fail("a CUDA device is present but the CUDA extension was not built (is nvcc on PATH?)")
   return device
 

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 import jsparse
-from jsparse.cli import voxelize_mean
+from jsparse.utils import voxelize_mean
 from sparse_data import random_sites
 from spconv_import import import_spconv
 

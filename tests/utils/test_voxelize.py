@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import jsparse
 from jsparse import _ffi, ops
-from jsparse.utils import PointToVoxel, gather_features_by_pc_voxel_id, mean_voxel_features
+from jsparse.utils import PointToVoxel, gather_features_by_pc_voxel_id, mean_voxel_features, voxelize_mean
 
 BACKENDS = ("ffi", "reference") if _ffi.built("cpu") else ("reference",)
 
@@ -308,9 +308,13 @@ def test_validation_errors():
 
 
 def _handler(max_voxels, max_points, features, num_points, ndim, reuse=False):
-  """The voxelizer's FFI handler, as ``ops.voxelize`` calls it."""
+  """The voxelizer's FFI target, called as ``ops.voxelize`` calls it."""
   _ffi.targets("cpu")
-  return ops._voxelize._handler(num_points, features, ndim, max_voxels, max_points, reuse=reuse)
+  results = ops._voxelize._results(num_points, features, ndim, max_voxels, max_points)
+  aliases = {2: 0} if reuse else None
+  return lambda *args, **attributes: _ffi.call(
+    "jsparse_voxelize", results, *args, input_output_aliases=aliases, **attributes
+  )
 
 
 @pytest.mark.skipif(not _ffi.built("cpu"), reason="the C++ extension is not built")
@@ -438,6 +442,19 @@ def test_mean_voxel_features():
     want = voxels[v, : counts[v]].mean(0) if counts[v] else np.zeros(4)
     np.testing.assert_allclose(means[v], want, rtol=1e-6)
   assert np.all(means[int(result.num_voxels) :] == 0)
+
+
+def test_voxelize_mean_is_the_mean_of_every_point_of_each_voxel():
+  rng = np.random.default_rng(2)
+  points = np.c_[rng.uniform(-2.0, 2.0, (2000, 3)), rng.uniform(0, 1, (2000, 1))].astype(np.float32)
+  features, coords, shape = voxelize_mean(points, 0.5)
+  cells = np.floor((points[:, :3] - points[:, :3].min(0)) / 0.5).astype(np.int64)
+  unique, inverse = np.unique(cells[:, ::-1], axis=0, return_inverse=True)  # zyx, sorted
+  sums = np.zeros((len(unique), 4))
+  np.add.at(sums, inverse.ravel(), points)
+  np.testing.assert_array_equal(coords, unique)
+  np.testing.assert_allclose(features, sums / np.bincount(inverse.ravel())[:, None], rtol=1e-5, atol=1e-6)
+  assert all(n > c for n, c in zip(shape, coords.max(0)))
 
 
 # ---- determinism -------------------------------------------------------------------------------

@@ -8,13 +8,15 @@
 // jsparse_conv_weight_grad: d_kernel[k] = sum_o features[nbr[o, k]]^T d_out[o] (per group). Each
 //   task sums the pairs of a fixed range of output rows into its own float32 partials, which are
 //   then added in a fixed tree over the ranges, again independent of scheduling.
-// jsparse_conv_backward_symmetric: both gradients over an odd submanifold map in one pass
-//   (float32), sharing the pairs and the gathered d_out rows; the sums are those of the two
-//   kernels above, the kernel gradient's taken in input-row order.
+// jsparse_conv_backward_symmetric: both gradients over an odd submanifold map; for float32 channel
+//   blocks that fill the micro-kernel's, in one pass that shares the pairs and the gathered d_out
+//   rows (the kernel gradient's sums then taken in input-row order), else the two kernels above.
 // None materializes [N, K, C]: a task gathers kGemmRows rows at a time.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -32,6 +34,32 @@ namespace ffi = xla::ffi;
 
 namespace jsparse {
 namespace {
+
+// One parallel phase of a handler: body(task) for every task in [0, count), then finish().
+struct Tasks {
+  int64_t count;
+  std::function<void(int64_t)> body;
+  std::function<void()> finish;
+};
+
+// Runs phases side by side in one ParallelFor (their tasks write disjoint outputs).
+template <typename... Phases>
+ffi::Future RunTasks(ffi::ThreadPool& pool, Phases... phases) {
+  const std::array<Tasks, sizeof...(Phases)> all{std::move(phases)...};
+  int64_t total = 0;
+  for (const Tasks& p : all) total += p.count;
+  return ParallelFor(
+      pool, total,
+      [all](int64_t task) {
+        for (const Tasks& p : all) {
+          if (task < p.count) return p.body(task);
+          task -= p.count;
+        }
+      },
+      [all]() {
+        for (const Tasks& p : all) p.finish();
+      });
+}
 
 // The channel layout shared by the handlers: C_in = groups * a, C_out = groups * b.
 struct ConvDims {
@@ -231,13 +259,13 @@ void GatherGemmRows(const T* features, const float* packed, const int32_t* nbr, 
 }
 
 template <typename T>
-ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel, const int32_t* nbr,
-                       bool reverse_taps, const ConvDims& d, T* out) {
+Tasks GatherGemmTasks(int64_t threads, const T* features, const T* kernel, const int32_t* nbr, bool reverse_taps,
+                      const ConvDims& d, T* out) {
   // Tap k reads column k of nbr, or column K - 1 - k (the transpose of an odd submanifold map).
   auto tap_column = [=](int64_t k) { return reverse_taps ? d.taps - 1 - k : k; };
   const int64_t b_pad = RoundUp(d.b, GemmLanes());
   // At least 4 tiles per thread keep small layers parallel; tiling never changes a row's sums.
-  const int64_t min_tiles = 4 * std::max<int64_t>(1, pool.num_threads());
+  const int64_t min_tiles = 4 * std::max<int64_t>(1, threads);
   const int64_t by_threads = RoundUp((d.n_out + min_tiles - 1) / min_tiles, kGemmRows);
   const int64_t tile = std::max<int64_t>(kGemmRows, std::min(TileRowsBySize(d.groups * b_pad), by_threads));
   const int64_t num_tiles = (d.n_out + tile - 1) / tile;
@@ -250,7 +278,7 @@ ffi::Future GatherGemm(ffi::ThreadPool& pool, const T* features, const T* kernel
                    [](int64_t, int64_t, const int32_t*, const int32_t*) {});
     sums.Store();
   };
-  return ParallelFor(pool, num_tiles, body);
+  return Tasks{num_tiles, body, [] {}};
 }
 
 ffi::Future GatherGemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::AnyBuffer kernel,
@@ -269,9 +297,9 @@ ffi::Future GatherGemmImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::A
   if (!message.empty()) return InvalidArgumentFuture(message);
   return DispatchFeatureType(features.element_type(), [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    return GatherGemm(pool, static_cast<const T*>(features.untyped_data()),
-                      static_cast<const T*>(kernel.untyped_data()), nbr.typed_data<int32_t>(),
-                      reverse_taps != 0, d, static_cast<T*>(out->untyped_data()));
+    return RunTasks(pool, GatherGemmTasks(pool.num_threads(), static_cast<const T*>(features.untyped_data()),
+                                          static_cast<const T*>(kernel.untyped_data()), nbr.typed_data<int32_t>(),
+                                          reverse_taps != 0, d, static_cast<T*>(out->untyped_data())));
   });
 }
 
@@ -393,8 +421,7 @@ void AddPairProducts(int64_t count, XRow x_row, YRow y_row, const ConvDims& d, i
 }
 
 template <typename T>
-ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out, const int32_t* nbr,
-                       const ConvDims& d, T* d_kernel) {
+Tasks WeightGradTasks(const T* features, const T* d_out, const int32_t* nbr, const ConvDims& d, T* d_kernel) {
   const int64_t b_pad = RoundUp(d.b, GemmLanes());
   const int64_t a_pad = RoundUp(d.a, kGemmRows);
   const int64_t ldc = d.groups * b_pad;
@@ -465,7 +492,7 @@ ffi::Future WeightGrad(ffi::ThreadPool& pool, const T* features, const T* d_out,
     }
     partials->Climb(task);
   };
-  return ParallelFor(pool, num_ranges, body, [=]() { partials->Store(d_kernel); });
+  return Tasks{num_ranges, body, [=]() { partials->Store(d_kernel); }};
 }
 
 ffi::Future WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::AnyBuffer d_out,
@@ -483,9 +510,9 @@ ffi::Future WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::A
   if (!message.empty()) return InvalidArgumentFuture(message);
   return DispatchFeatureType(features.element_type(), [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    return WeightGrad(pool, static_cast<const T*>(features.untyped_data()),
-                      static_cast<const T*>(d_out.untyped_data()), nbr.typed_data<int32_t>(), d,
-                      static_cast<T*>(d_kernel->untyped_data()));
+    return RunTasks(pool, WeightGradTasks(static_cast<const T*>(features.untyped_data()),
+                                          static_cast<const T*>(d_out.untyped_data()), nbr.typed_data<int32_t>(), d,
+                                          static_cast<T*>(d_kernel->untyped_data())));
   });
 }
 
@@ -498,9 +525,8 @@ ffi::Future WeightGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::A
 // The pairs are grouped once, the d_out rows gathered for the input gradient are still in cache
 // when the kernel gradient reads them, and the features are read in row order. Each task owns a
 // range of rows (KernelGradRange: its partials' order is fixed) and walks it in output tiles.
-ffi::Future BackwardSymmetric(ffi::ThreadPool& pool, const float* features, const float* d_out,
-                              const float* kernel_t, const int32_t* nbr, const ConvDims& d, float* d_features,
-                              float* d_kernel) {
+Tasks BackwardSymmetricTasks(const float* features, const float* d_out, const float* kernel_t, const int32_t* nbr,
+                             const ConvDims& d, float* d_features, float* d_kernel) {
   // The input gradient gathers d_out rows through the reversed taps, with kernel_t [K, b, G * a].
   const ConvDims dx{d.n_out, d.n_in, d.taps, d.groups, d.b, d.a};
   const int64_t dx_b_pad = RoundUp(dx.b, GemmLanes());
@@ -528,7 +554,7 @@ ffi::Future BackwardSymmetric(ffi::ThreadPool& pool, const float* features, cons
     }
     partials->Climb(task);
   };
-  return ParallelFor(pool, num_ranges, body, [=]() { partials->Store(d_kernel); });
+  return Tasks{num_ranges, body, [=]() { partials->Store(d_kernel); }};
 }
 
 ffi::Future BackwardSymmetricImpl(ffi::ThreadPool pool, ffi::AnyBuffer features, ffi::AnyBuffer d_out,
@@ -541,9 +567,10 @@ ffi::Future BackwardSymmetricImpl(ffi::ThreadPool pool, ffi::AnyBuffer features,
   const auto y = d_out.dimensions();
   const auto t = kernel_t.dimensions();
   const auto dx = d_features->dimensions();
-  if (message.empty() && (features.element_type() != ffi::F32 || d_out.element_type() != ffi::F32 ||
-                          kernel_t.element_type() != ffi::F32 || d_features->element_type() != ffi::F32)) {
-    message = op + "takes float32 only; other dtypes use jsparse_conv_gather_gemm and jsparse_conv_weight_grad";
+  const auto dtype = features.element_type();
+  if (message.empty() && (d_out.element_type() != dtype || kernel_t.element_type() != dtype ||
+                          d_features->element_type() != dtype)) {
+    message = op + "d_out, kernel_t and d_features must have the features' dtype";
   }
   if (message.empty() && (d.n_in != d.n_out || y.size() != 2 || y[0] != d.n_out || y[1] != d.c_out() ||
                           t.size() != 3 || t[0] != d.taps || t[1] != d.b || t[2] != d.c_in() || dx.size() != 2 ||
@@ -552,14 +579,26 @@ ffi::Future BackwardSymmetricImpl(ffi::ThreadPool pool, ffi::AnyBuffer features,
               "C_in] and returns d_features [N, C_in]; got d_out " + Shape(y) + ", kernel_t " + Shape(t) +
               ", nbr rows " + std::to_string(d.n_out) + ", features rows " + std::to_string(d.n_in);
   }
-  if (message.empty() && !FillsGemmBlocks(d)) {
-    message = op + "needs C_in // groups divisible by " + std::to_string(kGemmRows) + " and C_out // groups by " +
-              std::to_string(GemmLanes()) + "; other channel counts use the separate kernels";
-  }
   if (!message.empty()) return InvalidArgumentFuture(message);
-  return BackwardSymmetric(pool, features.typed_data<float>(), d_out.typed_data<float>(), kernel_t.typed_data<float>(),
-                           nbr.typed_data<int32_t>(), d, d_features->typed_data<float>(),
-                           d_kernel->typed_data<float>());
+  // float32 channel blocks that fill the micro-kernel's take one pass for both gradients; the
+  // rest take the input gradient (d_out through the reversed taps) and the kernel gradient side
+  // by side. Both give the sums of jsparse_conv_gather_gemm and jsparse_conv_weight_grad.
+  if (dtype == ffi::F32 && FillsGemmBlocks(d)) {
+    return RunTasks(pool, BackwardSymmetricTasks(features.typed_data<float>(), d_out.typed_data<float>(),
+                                                 kernel_t.typed_data<float>(), nbr.typed_data<int32_t>(), d,
+                                                 d_features->typed_data<float>(), d_kernel->typed_data<float>()));
+  }
+  const ConvDims transposed{d.n_out, d.n_in, d.taps, d.groups, d.b, d.a};
+  return DispatchFeatureType(dtype, [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    const auto* x = static_cast<const T*>(features.untyped_data());
+    const auto* dy = static_cast<const T*>(d_out.untyped_data());
+    const int32_t* rows = nbr.typed_data<int32_t>();
+    return RunTasks(pool,
+                    GatherGemmTasks(pool.num_threads(), dy, static_cast<const T*>(kernel_t.untyped_data()), rows,
+                                    /*reverse_taps=*/true, transposed, static_cast<T*>(d_features->untyped_data())),
+                    WeightGradTasks(x, dy, rows, d, static_cast<T*>(d_kernel->untyped_data())));
+  });
 }
 
 }  // namespace
@@ -593,8 +632,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseConvBackwardSymmetricCpu, jsparse::BackwardSymmetricImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::AnyBuffer>()       // features [N, C_in] float32
-        .Arg<ffi::AnyBuffer>()       // d_out [N, C_out] float32
+        .Arg<ffi::AnyBuffer>()       // features [N, C_in]
+        .Arg<ffi::AnyBuffer>()       // d_out [N, C_out]
         .Arg<ffi::AnyBuffer>()       // kernel_t [K, C_out // groups, C_in]: per group transposed
         .Arg<ffi::AnyBuffer>()       // nbr int32 [N, K], an odd submanifold map
         .Attr<int64_t>("groups")     // channel groups

@@ -147,8 +147,8 @@ struct KeyLanes<8> {
 // Keys and first slots kLanes points at a time in vector lanes (IEEE division and truncation give
 // the scalar loop's bits), for grids of at most 2**32 cells and tables of at most 2**32 slots,
 // whose keys and slots fit 32-bit lanes. Always inlined, so that each caller below compiles it
-// for its own instruction set: 8 lanes with AVX2 (under half the time of SSE2's 4 lanes on a
-// nuScenes sweep: SSE2 has no 32-bit lane multiply), else 4.
+// for its own instruction set: 8 lanes with AVX2, else SSE2's 4 (which lack a 32-bit lane
+// multiply).
 template <int kNdim, int kLanes>
 __attribute__((always_inline)) inline void ComputeCellKeysInLanes(const VoxelGeometry& g, const float* points,
                                                                   int64_t features, int64_t begin, int64_t end,
