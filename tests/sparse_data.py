@@ -1,10 +1,19 @@
-"""Random sparse tensors for tests: unique sites, padding rows interleaved, garbage in padding."""
+"""Helpers shared by the test modules: random sparse tensors (unique sites, padding rows interleaved,
+garbage in padding) and point clouds, a function run on both backends, and comparisons with spconv."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import jax
 import numpy as np
+import pytest
 
 import jsparse
+from jsparse import _ffi
+
+needs_ffi = pytest.mark.skipif(not _ffi.built("cpu"), reason="the C++ extension is not built")
 
 
 def random_sites(rng: np.random.Generator, batch_size: int, spatial_shape, count: int) -> np.ndarray:
@@ -34,3 +43,54 @@ def random_tensor(
   order = rng.permutation(indices.shape[0])
   x = jsparse.SparseConvTensor(features[order], indices[order], spatial_shape, batch_size)
   return x
+
+
+def clustered_points(rng: np.random.Generator, n: int, ndim: int, extent: int, features: int) -> np.ndarray:
+  """Points on a coarse lattice plus jitter, so that many share a voxel; coords first."""
+  lattice = rng.integers(-1, extent + 1, size=(n, ndim)).astype(np.float32)
+  coords = lattice * 0.5 + rng.uniform(0, 0.5, size=(n, ndim)).astype(np.float32)
+  extra = rng.standard_normal((n, features - ndim)).astype(np.float32)
+  return np.concatenate([coords, extra], axis=1)
+
+
+def both_backends(fn: Callable[..., Any], *args: Any) -> list[Any]:
+  """``[ffi, reference]``: ``fn(*args)`` jitted and run on each backend; a fresh function per
+  backend, since jit caches traces per function object and the backend is read when tracing."""
+  results = []
+  for name in ("ffi", "reference"):
+    with jsparse.backend(name):
+      results.append(jax.block_until_ready(jax.jit(lambda *a: fn(*a))(*args)))
+  return results
+
+
+def spconv_tensors(
+  torch: Any, spconv: Any, features: np.ndarray, indices: np.ndarray, spatial_shape, batch_size: int
+) -> tuple[jsparse.SparseConvTensor, Any]:
+  """The same tensor for jsparse and for spconv (``spconv`` is ``spconv.pytorch``)."""
+  js = jsparse.SparseConvTensor(features, indices, spatial_shape, batch_size)
+  sp = spconv.SparseConvTensor(
+    torch.from_numpy(features), torch.from_numpy(indices), list(spatial_shape), batch_size
+  )
+  return js, sp
+
+
+def _sorted_rows(indices: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  order = np.lexsort(indices.T[::-1])
+  return indices[order], features[order]
+
+
+def assert_same_as_spconv(
+  js_out: jsparse.SparseConvTensor, sp_out: Any, atol: float, same_order: bool = False
+) -> None:
+  """Same grid, the same active sites (as sorted sets) and the same features at each site; with
+  ``same_order``, the same rows in the same order too. spconv orders the output rows of strided and
+  transposed layers its own way: both sides are sorted by (batch, coords) before comparing."""
+  assert tuple(js_out.spatial_shape) == tuple(sp_out.spatial_shape)
+  js_features, js_indices = js_out.to_numpy()
+  sp_indices, sp_features = sp_out.indices.numpy(), sp_out.features.numpy()
+  if same_order:
+    np.testing.assert_array_equal(js_indices, sp_indices)
+  js_indices, js_features = _sorted_rows(js_indices, js_features)
+  sp_indices, sp_features = _sorted_rows(sp_indices, sp_features)
+  np.testing.assert_array_equal(js_indices, sp_indices)
+  np.testing.assert_allclose(js_features, sp_features, atol=atol, rtol=0)

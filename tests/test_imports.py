@@ -2,13 +2,16 @@
 
 Reads every module's import statements (module level and inside functions alike) with ``ast``
 and checks the graph of jsparse modules: no cycle, no import against the layering, and no
-function-level import of a jsparse module (the usual way to hide a cycle).
+function-level import of a jsparse module (the usual way to hide a cycle). And importing jsparse
+prints nothing.
 """
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -143,3 +146,8 @@ def test_a_cycle_is_found(tmp_path):
   modules = modules_of(package)
   assert imports("pkg.sub.b", modules) == [("pkg.a", False)]
   assert find_cycle(modules) == ["pkg.a", "pkg.sub.b", "pkg.a"]
+
+
+def test_import_prints_nothing():
+  out = subprocess.run([sys.executable, "-c", "import jsparse"], capture_output=True, text=True, check=True)
+  assert out.stdout == "" and out.stderr == ""

@@ -1,6 +1,9 @@
-"""NNX layers: dense equivalence per alias, indice_key reuse and errors, capacity, spconv's examples."""
+"""Convolution layers: dense equivalence per alias, indice_key reuse and errors, capacity, spconv's
+examples; and the same active sites and values as spconv 2.3.8's layers for the same weights."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +14,8 @@ from flax import nnx
 import dense_oracle
 import jsparse
 from jsparse import nn as spnn
-from sparse_data import random_tensor
+from jsparse.utils import voxelize_mean
+from sparse_data import assert_same_as_spconv, random_sites, random_tensor, spconv_tensors
 
 ATOL = 1e-4
 SHAPES = {1: (11,), 2: (7, 6), 3: (5, 6, 4), 4: (4, 3, 4, 3)}
@@ -188,3 +192,149 @@ def test_spconv_examples_run_eagerly_under_jit_and_train():
   net.eval()
   y_eval = nnx.jit(lambda net, x: net(x))(net, x)
   assert not np.any(np.asarray(y_eval.features)[~np.asarray(x.mask)])  # padding stays zero
+
+
+# ---- against spconv 2.3.8 ------------------------------------------------------------------------
+# Skipped where spconv is not installed (``pip install torch==2.13.0 spconv==2.3.8``; ``make test-spconv``
+# installs it and fails instead of skipping). spconv's CPU build is only correct single-threaded
+# (``OMP_NUM_THREADS=1`` before its OpenMP runtime loads, and ``torch.set_num_threads(1)``: the
+# ``spconv`` fixture sees to both) and has no conv backward, so only forward passes are compared. It
+# orders the output rows of strided and transposed layers its own way: both sides are sorted by (batch,
+# coords) before comparing. Its layers are left in training mode: in eval mode its CPU path asserts on a
+# bias ("cpu don't support act and bias").
+
+SP_SHAPE = (9, 10, 11)
+SP_BATCH = 2
+SP_CHANNELS = 8
+
+JSPARSE_LAYERS = {"subm": spnn.SubMConv3d, "conv": spnn.SparseConv3d, "transpose": spnn.SparseConvTranspose3d}
+SPCONV_LAYERS = {"subm": "SubMConv3d", "conv": "SparseConv3d", "transpose": "SparseConvTranspose3d"}
+
+
+def _inputs(seed: int = 0, count: int = 300) -> tuple[np.ndarray, np.ndarray]:
+  """``(features [count, SP_CHANNELS], indices int32 [count, 4])``: distinct random sites."""
+  rng = np.random.default_rng(seed)
+  indices = random_sites(rng, SP_BATCH, SP_SHAPE, count)
+  return rng.standard_normal((len(indices), SP_CHANNELS)).astype(np.float32), indices
+
+
+def _copy_parameters(torch: Any, js_layer: Any, sp_layer: Any) -> None:
+  """jsparse ``kernel [*k, C_in, C_out]`` -> spconv's KRSC ``weight [C_out, *k, C_in]``; and the bias."""
+  kernel = np.asarray(js_layer.kernel[...])
+  assert tuple(sp_layer.weight.shape) == (kernel.shape[-1], *kernel.shape[:-2], kernel.shape[-2])
+  sp_layer.weight.copy_(torch.from_numpy(np.moveaxis(kernel, -1, 0).copy()))
+  if js_layer.bias is not None:
+    sp_layer.bias.copy_(torch.from_numpy(np.array(js_layer.bias[...])))
+
+
+def _numpy_init(seed: int, scale: float) -> nnx.Initializer:
+  """A host-side normal initializer: no per-shape jax.random compilation in eager tests."""
+  rng = np.random.default_rng(seed)
+  return lambda key, shape, dtype: jnp.asarray(scale * rng.standard_normal(shape), dtype)
+
+
+def _layers(spconv: Any, kind: str, bias: bool = False, seed: int = 0, **geometry: Any) -> tuple[Any, Any]:
+  """A jsparse layer (random kernel, and bias) and the spconv layer with the same parameters."""
+  torch, sp = spconv
+  init = dict(kernel_init=_numpy_init(seed, 0.1), bias_init=_numpy_init(seed + 1, 1.0), rngs=nnx.Rngs(0))
+  js_layer = JSPARSE_LAYERS[kind](SP_CHANNELS, SP_CHANNELS, bias=bias, **init, **geometry)
+  sp_layer = getattr(sp, SPCONV_LAYERS[kind])(SP_CHANNELS, SP_CHANNELS, bias=bias, **geometry)
+  _copy_parameters(torch, js_layer, sp_layer)
+  return js_layer, sp_layer
+
+
+def _case_id(value: Any) -> str:
+  """``conv``, ``kernel_size=3, stride=2`` -> ``conv``, ``k3-s2``."""
+  if isinstance(value, str):
+    return value
+  return "-".join(f"{name[0]}{size}".replace(" ", "") for name, size in value.items())
+
+
+def _tensors(spconv: Any, features: np.ndarray, indices: np.ndarray, shape=SP_SHAPE) -> tuple[Any, Any]:
+  return spconv_tensors(*spconv, features, indices, shape, SP_BATCH)
+
+
+@pytest.mark.spconv
+@pytest.mark.parametrize(
+  "kind, geometry",
+  [
+    ("subm", dict(kernel_size=3)),
+    ("subm", dict(kernel_size=3, dilation=2)),
+    ("subm", dict(kernel_size=(3, 1, 5))),
+    ("conv", dict(kernel_size=3, stride=2, padding=1)),
+    ("conv", dict(kernel_size=2, stride=2)),
+    ("conv", dict(kernel_size=3, padding=1, dilation=2)),
+    ("conv", dict(kernel_size=(3, 2, 1), stride=(2, 1, 2), padding=(1, 0, 0))),
+    # Dilation 1 only: spconv's transposed output grid omits the dilation term.
+    ("transpose", dict(kernel_size=3, stride=2)),
+    ("transpose", dict(kernel_size=(3, 2, 3), stride=2, padding=(1, 0, 1))),
+  ],
+  ids=_case_id,
+)
+def test_layer_matches_spconv(spconv, kind, geometry):
+  js_x, sp_x = _tensors(spconv, *_inputs())
+  js_layer, sp_layer = _layers(spconv, kind, **geometry)
+  assert_same_as_spconv(js_layer(js_x), sp_layer(sp_x), ATOL, same_order=kind == "subm")
+
+
+@pytest.mark.spconv
+@pytest.mark.parametrize(
+  "kind, geometry",
+  [("subm", dict(kernel_size=3)), ("conv", dict(kernel_size=3, stride=2, padding=1))],
+  ids=_case_id,
+)
+def test_bias_matches_spconv(spconv, kind, geometry):
+  js_x, sp_x = _tensors(spconv, *_inputs(seed=1))
+  js_layer, sp_layer = _layers(spconv, kind, bias=True, seed=1, **geometry)
+  assert_same_as_spconv(js_layer(js_x), sp_layer(sp_x), ATOL, same_order=kind == "subm")
+
+
+@pytest.mark.spconv
+@pytest.mark.parametrize(
+  "geometry", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2, stride=2)], ids=_case_id
+)
+def test_inverse_conv_matches_spconv(spconv, geometry):
+  torch, sp = spconv
+  js_x, sp_x = _tensors(spconv, *_inputs(seed=2))
+  js_down, sp_down = _layers(spconv, "conv", indice_key="down", **geometry)
+  js_y, sp_y = js_down(js_x), sp_down(sp_x)
+  assert_same_as_spconv(js_y, sp_y, ATOL)
+  k = geometry["kernel_size"]
+  init = dict(kernel_init=_numpy_init(3, 0.1), bias_init=_numpy_init(4, 1.0), rngs=nnx.Rngs(0))
+  js_up = spnn.SparseInverseConv3d(SP_CHANNELS, SP_CHANNELS, k, "down", bias=True, **init)
+  sp_up = sp.SparseInverseConv3d(SP_CHANNELS, SP_CHANNELS, k, "down", bias=True)
+  _copy_parameters(torch, js_up, sp_up)
+  # Both return the strided layer's input rows, in that layer's input order.
+  assert_same_as_spconv(js_up(js_y), sp_up(sp_y), ATOL, same_order=True)
+
+
+@pytest.mark.spconv
+def test_scan_crops_match_spconv(spconv, scans):
+  """SubM, strided conv and its inverse on two crops of a KITTI sweep (0.2 m voxels) as a batch."""
+  torch, sp = spconv
+  points = np.fromfile(scans / "kitti_000008.bin", np.float32).reshape(-1, 4)
+  samples, shapes = [], []
+  for b, (x0, y0) in enumerate([(10.0, -4.0), (5.0, -6.0)]):
+    inside = (points[:, 0] >= x0) & (points[:, 0] < x0 + 8) & (points[:, 1] >= y0) & (points[:, 1] < y0 + 8)
+    means, coords, shape = voxelize_mean(points[inside], 0.2)
+    samples.append((means, np.c_[np.full(len(coords), b, np.int32), coords]))
+    shapes.append(shape)
+  features = np.concatenate([m for m, _ in samples])  # x, y, z, intensity: centred, twice
+  features = np.tile(features - features.mean(0), (1, SP_CHANNELS // features.shape[1])).astype(np.float32)
+  indices = np.concatenate([i for _, i in samples]).astype(np.int32)
+  js_x, sp_x = _tensors(spconv, features, indices, tuple(int(n) for n in np.max(shapes, axis=0)))
+  assert len(indices) > 1000
+  for kind, geometry in [
+    ("subm", dict(kernel_size=3, indice_key="subm")),
+    ("conv", dict(kernel_size=3, stride=2, padding=1, indice_key="down")),
+  ]:
+    js_layer, sp_layer = _layers(spconv, kind, bias=True, **geometry)
+    js_x, sp_x = js_layer(js_x), sp_layer(sp_x)
+    assert_same_as_spconv(js_x, sp_x, ATOL, same_order=kind == "subm")
+  init = dict(kernel_init=_numpy_init(5, 0.1), rngs=nnx.Rngs(0))
+  js_up = spnn.SparseInverseConv3d(SP_CHANNELS, SP_CHANNELS, 3, "down", bias=False, **init)
+  sp_up = sp.SparseInverseConv3d(SP_CHANNELS, SP_CHANNELS, 3, "down", bias=False)
+  _copy_parameters(torch, js_up, sp_up)
+  js_out, sp_out = js_up(js_x), sp_up(sp_x)
+  assert_same_as_spconv(js_out, sp_out, ATOL, same_order=True)
+  np.testing.assert_array_equal(js_out.to_numpy()[1], indices)

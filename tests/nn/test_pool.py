@@ -1,4 +1,5 @@
-"""Pool layers against lax.reduce_window on the densified tensor: values, gradients, tie rule."""
+"""Pool layers against lax.reduce_window on the densified tensor: values, gradients, tie rule; max
+pooling against spconv 2.3.8's."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from jax import lax
 import dense_oracle
 import jsparse
 from jsparse import nn as spnn
-from sparse_data import random_tensor
+from sparse_data import assert_same_as_spconv, random_sites, random_tensor, spconv_tensors
 
 SHAPES = {1: (11,), 2: (7, 6), 3: (5, 6, 4), 4: (4, 3, 4, 3)}
 
@@ -164,3 +165,20 @@ def test_pools_run_in_sparse_sequential_with_flax_layers():
   )
   logits = nnx.jit(lambda net, x: net(x))(net, x)
   assert logits.shape == (2, 3) and np.all(np.isfinite(np.asarray(logits)))
+
+
+@pytest.mark.spconv
+@pytest.mark.parametrize(
+  "geometry", [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1)], ids=["k2", "k3-s2-p1"]
+)
+def test_max_pool_matches_spconv_on_positive_features(spconv, geometry):
+  # spconv clamps the maximum at 0 (its issue 754); on positive features the two agree. spconv's CPU
+  # build runs single-threaded (the spconv fixture sees to it).
+  torch, sp = spconv
+  rng = np.random.default_rng(4)
+  shape, batch = (9, 10, 11), 2
+  indices = random_sites(rng, batch, shape, 300)
+  features = rng.standard_normal((len(indices), 8)).astype(np.float32)
+  js_x, sp_x = spconv_tensors(torch, sp, np.abs(features) + 0.5, indices, shape, batch)
+  js_out = spnn.SparseMaxPool3d(**geometry)(js_x)
+  assert_same_as_spconv(js_out, sp.SparseMaxPool3d(**geometry)(sp_x), atol=1e-4)

@@ -1,4 +1,6 @@
-"""sparse_conv over every map kind equals dense lax convolution, forward and both gradients."""
+"""sparse_conv over every map kind equals dense lax convolution, forward and both gradients; the FFI
+kernels equal the reference path (to float32 rounding) for dtypes, groups, gradients and empty maps;
+the handlers' errors."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import dense_oracle
-from jsparse import ops
+import jsparse
+from jsparse import _ffi, ops
 from jsparse.tensor import kernel_map
-from sparse_data import random_tensor
+from sparse_data import both_backends, needs_ffi, random_sites, random_tensor
 
 ATOL = 1e-4
 MAX_EXTENT = {1: 12, 2: 7, 3: 5, 4: 4}
@@ -222,3 +225,148 @@ def test_precision_is_passed_to_the_matmuls():
   with jax.default_matmul_precision("default"):
     plain = jax.jit(lambda f, k: ops.sparse_conv(f, k, pairs)).lower(x.features, kernel)
   assert "HIGHEST" not in plain.as_text().upper()
+
+
+# ---- the FFI kernels against the reference path ---------------------------------------------------
+
+CONV_TOLERANCE = {jnp.float32: 2e-6, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}
+
+
+@needs_ffi
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+  "kind,groups", [("subm", 1), ("subm", 2), ("conv", 2), ("transpose", 1), ("subm", 5)]
+)
+def test_conv_and_gradients_match(dtype, kind, groups):
+  rng = np.random.default_rng(7)
+  shape, batch = (7, 6, 5), 2
+  indices = jnp.asarray(random_sites(rng, batch, shape, 120))
+  spec = ops.make_spec(kind, shape, (3, 2, 3) if kind != "subm" else 3, 2 if kind != "subm" else 1, 1)
+  # Channels per group that fill whole micro-kernel blocks (8 in, 16 out) take, in float32, the
+  # one-pass backward of odd submanifold maps (subm, groups 1 and 2) or the weight gradient's
+  # in-place path (conv); 5 per group and the other dtypes take the separate, copying kernels.
+  c_in, c_out = {1: (24, 48), 2: (32, 32), 5: (25, 25)}[groups]
+  features = jnp.asarray(rng.standard_normal((indices.shape[0], c_in)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((*spec.kernel_size, c_in // groups, c_out)) / c_in, dtype)
+  pairs = ops.build_map(indices, spec, batch, ops.default_capacity(spec, indices.shape[0]))
+  cotangent = jnp.asarray(rng.standard_normal((pairs.out_capacity, c_out)), dtype)
+
+  def run(f, k):
+    out, vjp = jax.vjp(lambda f, k: ops.sparse_conv(f, k, pairs, groups=groups, precision="highest"), f, k)
+    return out, *vjp(cotangent)
+
+  ffi, reference = both_backends(run, features, kernel)
+  for a, b in zip(ffi, reference):
+    assert a.dtype == b.dtype == dtype
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=CONV_TOLERANCE[dtype], atol=CONV_TOLERANCE[dtype] * np.abs(b).max())
+
+
+@needs_ffi
+@pytest.mark.parametrize("c_in,c_out", [(8, 16), (5, 3)])
+def test_weight_gradient_over_many_row_ranges(c_in, c_out):
+  # The FFI kernel gradient sums per-range partials (ranges of at least 4096 rows) in a tree: 11
+  # ranges here, the last ones all padding rows (no pairs at all), in the one-pass submanifold
+  # backward (8, 16) and in the separate weight gradient's copying path (5, 3).
+  rng = np.random.default_rng(3)
+  shape = (40, 40, 40)
+  sites = random_sites(rng, 1, shape, 30000)
+  sites = sites[np.lexsort(sites.T[::-1])]  # sorted, so that ranges differ in their taps' pairs
+  indices = jnp.asarray(np.concatenate([sites, np.full((45000 - len(sites), 4), -1, np.int32)]))
+  pairs = ops.build_map(indices, ops.make_spec("subm", shape, 3), 1)
+  features = jnp.asarray(rng.standard_normal((indices.shape[0], c_in)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 3, c_in, c_out)), jnp.float32)
+  cotangent = jnp.asarray(rng.standard_normal((indices.shape[0], c_out)), jnp.float32)
+
+  def d_kernel(f, k):
+    return jax.vjp(lambda k: ops.sparse_conv(f, k, pairs, precision="highest"), k)[1](cotangent)[0]
+
+  ffi, reference = (np.asarray(g) for g in both_backends(d_kernel, features, kernel))
+  np.testing.assert_allclose(ffi, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+@needs_ffi
+def test_empty_and_all_padding_inputs():
+  spec = ops.make_spec("conv", (5, 5), 3, 2, 1)
+  kernel = jnp.ones((3, 3, 3, 2))
+  for indices in (jnp.zeros((0, 3), jnp.int32), jnp.full((6, 3), -1, jnp.int32)):
+    pairs, reference = both_backends(lambda i: ops.build_map(i, spec, 1, 4), indices)
+    assert int(pairs.num_out) == 0
+    np.testing.assert_array_equal(pairs.nbr, reference.nbr)
+    features = jnp.ones((indices.shape[0], 3))
+    with jsparse.backend("ffi"):
+      out = ops.sparse_conv(features, kernel, pairs)
+      grad = jax.grad(lambda f, p=pairs: jnp.sum(ops.sparse_conv(f, kernel, p)))(features)
+    assert not np.asarray(out).any() and not np.asarray(grad).any()
+
+
+@needs_ffi
+def test_handlers_reject_bad_arguments():
+  _ffi.targets("cpu")
+  features = jnp.ones((4, 3), jnp.float32)
+  nbr = jnp.zeros((4, 9), jnp.int32)
+  call = lambda shape, dtype, *args, **attrs: jax.ffi.ffi_call(  # noqa: E731
+    "jsparse_conv_gather_gemm", jax.ShapeDtypeStruct(shape, dtype), vmap_method="sequential"
+  )(*args, reverse_taps=np.int64(0), **attrs)
+  with pytest.raises(Exception, match="same dtype"):
+    call((4, 2), jnp.float32, features, jnp.ones((9, 3, 2), jnp.bfloat16), nbr, groups=np.int64(1))
+  with pytest.raises(Exception, match="divisible by groups"):
+    call((4, 2), jnp.float32, features, jnp.ones((9, 3, 2)), nbr, groups=np.int64(2))
+  with pytest.raises(Exception, match="nbr must be int32"):
+    call((4, 2), jnp.float32, features, jnp.ones((9, 3, 2)), nbr[:, :5], groups=np.int64(1))
+  with pytest.raises(Exception, match="float32, bfloat16 or float16"):
+    call(
+      (4, 2), jnp.int32, features.astype(jnp.int32), jnp.ones((9, 3, 2), jnp.int32), nbr, groups=np.int64(1)
+    )
+
+  def backward(x, dy, kernel_t, rows, dtype=jnp.float32):  # d_kernel shaped [9, C_in, C_out]
+    out = (jax.ShapeDtypeStruct(x.shape, dtype), jax.ShapeDtypeStruct((9, x.shape[1], dy.shape[1]), dtype))
+    fn = jax.ffi.ffi_call("jsparse_conv_backward_symmetric", out, vmap_method="sequential")
+    return jax.block_until_ready(fn(x, dy, kernel_t, rows, groups=np.int64(1)))
+
+  x, dy, kernel_t = jnp.ones((4, 8)), jnp.ones((4, 16)), jnp.ones((9, 16, 8))
+  backward(x, dy, kernel_t, nbr)  # well formed
+  with pytest.raises(Exception, match="must have the features' dtype"):
+    backward(x, dy.astype(jnp.bfloat16), kernel_t, nbr)
+  with pytest.raises(Exception, match="expects a submanifold map"):
+    backward(x, dy[:3], kernel_t, nbr[:3])
+
+
+@needs_ffi
+@pytest.mark.parametrize(
+  ("dtype", "c_in", "c_out", "groups", "one_pass"),
+  [
+    (jnp.float32, 16, 32, 1, True),  # channel blocks that fill the micro-kernel's: one pass
+    (jnp.float32, 16, 32, 2, True),
+    (jnp.float32, 6, 10, 1, False),
+    (jnp.bfloat16, 16, 32, 1, False),
+    (jnp.float16, 8, 16, 1, False),
+  ],
+)
+def test_backward_symmetric_equals_the_separate_kernels(dtype, c_in, c_out, groups, one_pass):
+  """One target for both gradients of an odd submanifold map, whatever the dtype and channels:
+  the kernel picks its path. The input gradient is the separate gather-GEMM's (reversed taps)
+  bit for bit; so is the kernel gradient, except on the one-pass path, which sums its pairs in
+  input-row order instead of output-row order (equal up to rounding)."""
+  rng = np.random.default_rng(3)
+  sites = random_sites(rng, 2, (9, 8, 7), 300)
+  indices = jnp.asarray(np.concatenate([sites, np.full((7, 4), -1, np.int32)]))
+  pairs = ops.build_map(indices, ops.make_spec("subm", (9, 8, 7), 3), 2)
+  x = jnp.asarray(rng.standard_normal((indices.shape[0], c_in)), dtype)
+  dy = jnp.asarray(rng.standard_normal((indices.shape[0], c_out)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((27, c_in // groups, c_out)), dtype)
+  kernel_t = ops._conv._transpose_kernel(kernel, groups)
+  with jsparse.backend("ffi"):
+    one = jax.jit(ops._conv._backward_symmetric, static_argnums=(4, 5, 6))(
+      x, dy, kernel_t, pairs.nbr, groups, None, kernel.shape
+    )
+    d_features = jax.jit(ops._conv._gather_gemm, static_argnums=(3, 4, 5))(
+      dy, kernel_t, pairs.nbr, groups, None, True
+    )
+    weight_grad = jax.jit(ops._conv._weight_grad, static_argnums=(3, 4, 5))
+    d_kernel = weight_grad(x, dy, pairs.nbr, groups, None, kernel.shape)
+  np.testing.assert_array_equal(np.asarray(one[0], np.float32), np.asarray(d_features, np.float32))
+  if one_pass:
+    np.testing.assert_allclose(one[1], d_kernel, rtol=1e-5, atol=1e-4)
+  else:
+    np.testing.assert_array_equal(np.asarray(one[1], np.float32), np.asarray(d_kernel, np.float32))

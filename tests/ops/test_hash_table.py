@@ -23,7 +23,6 @@ needs_ffi = pytest.mark.skipif(
   not all("cpu" in _ffi.platforms_with(t) for t in TARGETS),
   reason="the CPU FFI extension is not built (make test builds it)",
 )
-BACKENDS = [pytest.param("ffi", marks=needs_ffi), "reference"]
 
 
 def _leaves_equal(a, b):
@@ -84,25 +83,24 @@ operations = st.lists(
 )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.usefixtures("backend")
 @given(capacity=st.sampled_from([8, 32]), ops=operations)
-def test_matches_a_dict(backend, capacity, ops):
+def test_matches_a_dict(capacity, ops):
   model = DictModel(capacity)
   probe = jnp.asarray(list(range(-21, 22)) + [INT32_MAX, -(2**31), 2**30], jnp.int32)
-  with jsparse.backend(backend):
-    table = HashTable.create(capacity, jnp.int32, jnp.int32)
-    for op, keys, values in ops:
-      k, v = jnp.asarray(keys, jnp.int32), jnp.asarray(values, jnp.int32)
-      if op == "insert":
-        table = _insert(table, k, v)
-        model.insert(keys, values)
-      elif op == "insert_keys_only":
-        table = _insert_keys_only(table, k)
-        model.insert_keys_only(keys)
-      else:
-        table, found = _insert_exist_keys(table, k, v)
-        assert found.tolist() == model.insert_exist_keys(keys, values)
-    values, found = _query(table, probe)
+  table = HashTable.create(capacity, jnp.int32, jnp.int32)
+  for op, keys, values in ops:
+    k, v = jnp.asarray(keys, jnp.int32), jnp.asarray(values, jnp.int32)
+    if op == "insert":
+      table = _insert(table, k, v)
+      model.insert(keys, values)
+    elif op == "insert_keys_only":
+      table = _insert_keys_only(table, k)
+      model.insert_keys_only(keys)
+    else:
+      table, found = _insert_exist_keys(table, k, v)
+      assert found.tolist() == model.insert_exist_keys(keys, values)
+  values, found = _query(table, probe)
   assert _stored(table) == model.items
   assert int(table.dropped) == model.dropped
   assert found.tolist() == [k in model.items for k in probe.tolist()]
@@ -141,19 +139,17 @@ def test_ffi_and_reference_build_identical_tables(key_dtype, value_dtype):
   assert int(full.dropped) > 0 and int(full.items()[2]) == 64  # the cases include a full table
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_int64_keys_and_values_under_x64(backend):
   with jax.enable_x64(True):
     keys = np.array([1, 1 + 2**32, -(2**40), 2**62, 7, 1], np.int64)
     values = np.array([10, 20, 30, 40, 50, 60], np.float64)
-    with jsparse.backend(backend):
-      table = HashTable.create(16, jnp.int64, jnp.float64).insert(keys, values)
-      got, found = table.query(np.array([1, 2**32 + 1, -(2**40), 2**62, 7, 2], np.int64))
-      assert found.tolist() == [True, True, True, True, True, False]
-      assert got.tolist() == [60.0, 20.0, 30.0, 40.0, 50.0, 0.0]
-      assert _stored(table) == {1: 60.0, 1 + 2**32: 20.0, -(2**40): 30.0, 2**62: 40.0, 7: 50.0}
-      reserved = HashTable.create(4, jnp.int64, jnp.int64).insert(np.array([2**63 - 1], np.int64))
-      assert int(reserved.dropped) == 1
+    table = HashTable.create(16, jnp.int64, jnp.float64).insert(keys, values)
+    got, found = table.query(np.array([1, 2**32 + 1, -(2**40), 2**62, 7, 2], np.int64))
+    assert found.tolist() == [True, True, True, True, True, False]
+    assert got.tolist() == [60.0, 20.0, 30.0, 40.0, 50.0, 0.0]
+    assert _stored(table) == {1: 60.0, 1 + 2**32: 20.0, -(2**40): 30.0, 2**62: 40.0, 7: 50.0}
+    reserved = HashTable.create(4, jnp.int64, jnp.int64).insert(np.array([2**63 - 1], np.int64))
+    assert int(reserved.dropped) == 1
 
 
 @needs_ffi
@@ -187,37 +183,32 @@ def test_large_batched_query_matches_reference():
   np.testing.assert_array_equal(values, np.where(found, probes * 7, 0))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_overflow_is_counted_and_check_raises(backend):
-  with jsparse.backend(backend):
-    table = HashTable.create(4, jnp.int32, jnp.int32)
-    table.check()  # empty: fine
-    table = table.insert(jnp.arange(6, dtype=jnp.int32), jnp.arange(6, dtype=jnp.int32) * 10)
-    assert int(table.dropped) == 2 and int(table.items()[2]) == 4
-    assert _stored(table) == {0: 0, 1: 10, 2: 20, 3: 30}  # first come, first stored
-    # A full table still updates stored keys and answers misses (the probe ends after 4 slots).
-    table = table.insert(jnp.array([2, 9], jnp.int32), jnp.array([-2, -9], jnp.int32))
-    assert int(table.dropped) == 3
-    values, found = table.query(jnp.array([2, 9], jnp.int32))
-    assert values.tolist() == [-2, 0] and found.tolist() == [True, False]
+  table = HashTable.create(4, jnp.int32, jnp.int32)
+  table.check()  # empty: fine
+  table = table.insert(jnp.arange(6, dtype=jnp.int32), jnp.arange(6, dtype=jnp.int32) * 10)
+  assert int(table.dropped) == 2 and int(table.items()[2]) == 4
+  assert _stored(table) == {0: 0, 1: 10, 2: 20, 3: 30}  # first come, first stored
+  # A full table still updates stored keys and answers misses (the probe ends after 4 slots).
+  table = table.insert(jnp.array([2, 9], jnp.int32), jnp.array([-2, -9], jnp.int32))
+  assert int(table.dropped) == 3
+  values, found = table.query(jnp.array([2, 9], jnp.int32))
+  assert values.tolist() == [-2, 0] and found.tolist() == [True, False]
   with pytest.raises(jsparse.CapacityError, match=r"3 inserted key\(s\) were not stored; 4 key\(s\) fill 4"):
     table.check()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_empty_marker_is_never_stored_nor_found(backend):
-  with jsparse.backend(backend):
-    table = HashTable.create(8).insert(jnp.array([INT32_MAX, 5], jnp.int32), jnp.array([1, 2], jnp.int32))
-    assert int(table.dropped) == 1 and _stored(table) == {5: 2}
-    values, found = table.query(jnp.array([INT32_MAX, 5], jnp.int32))
-    assert found.tolist() == [False, True] and values.tolist() == [0, 2]
-    table, found = table.insert_exist_keys(jnp.array([INT32_MAX], jnp.int32), jnp.array([7], jnp.int32))
-    assert found.tolist() == [False] and _stored(table) == {5: 2}
+  table = HashTable.create(8).insert(jnp.array([INT32_MAX, 5], jnp.int32), jnp.array([1, 2], jnp.int32))
+  assert int(table.dropped) == 1 and _stored(table) == {5: 2}
+  values, found = table.query(jnp.array([INT32_MAX, 5], jnp.int32))
+  assert found.tolist() == [False, True] and values.tolist() == [0, 2]
+  table, found = table.insert_exist_keys(jnp.array([INT32_MAX], jnp.int32), jnp.array([7], jnp.int32))
+  assert found.tolist() == [False] and _stored(table) == {5: 2}
   with pytest.raises(jsparse.CapacityError, match="2147483647 .iinfo.int32..max. marks empty slots"):
     table.check()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_jit_vmap_and_empty_inputs(backend):
   keys = jnp.asarray(np.random.default_rng(1).integers(0, 50, (3, 20)), jnp.int32)
 
@@ -226,18 +217,16 @@ def test_jit_vmap_and_empty_inputs(backend):
     table, _ = table.insert_exist_keys(k[:5], jnp.zeros(5, jnp.float32))
     return table, table.query(k)
 
-  with jsparse.backend(backend):
-    batched = jax.jit(jax.vmap(build))(keys)
-    for i in range(3):
-      _leaves_equal(jax.tree.map(operator.itemgetter(i), batched), build(keys[i]))
-    none = jnp.zeros((0,), jnp.int32)
-    table = HashTable.create(4).insert(none, none)
-    table, found = table.insert_exist_keys(none, none)
-    values, found2 = table.query(none)
-    assert found.shape == found2.shape == values.shape == (0,) and int(table.dropped) == 0
+  batched = jax.jit(jax.vmap(build))(keys)
+  for i in range(3):
+    _leaves_equal(jax.tree.map(operator.itemgetter(i), batched), build(keys[i]))
+  none = jnp.zeros((0,), jnp.int32)
+  table = HashTable.create(4).insert(none, none)
+  table, found = table.insert_exist_keys(none, none)
+  values, found2 = table.query(none)
+  assert found.shape == found2.shape == values.shape == (0,) and int(table.dropped) == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_inside_shard_map(backend):
   """A table created inside shard_map and filled with per-shard keys (the loop carry and the
   FFI results must take the keys' varying-axes type); a one-device mesh tracks the types too."""
@@ -250,30 +239,27 @@ def test_inside_shard_map(backend):
     table, _ = table.insert_exist_keys(k[:2], -k[:2])
     return table.query(k)[0]
 
-  with jsparse.backend(backend):
-    got = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=spec, out_specs=spec))(keys)
+  got = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=spec, out_specs=spec))(keys)
   assert got.tolist() == [0, -1, 4, 6, 8, 10, 12, 14]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_assign_arange_and_items_follow_spconv(backend):
-  with jsparse.backend(backend):
-    keys = jnp.array([40, 10, 40, 30, -3], jnp.int32)
-    table = HashTable.create(16).insert(keys, jnp.array([1, 2, 3, 4, 5], jnp.int32))
-    assert _stored(table) == {40: 3, 10: 2, 30: 4, -3: 5}  # an existing key is overwritten
-    numbered, count = table.assign_arange()
-    # spconv: equivalent to inserting items()'s keys with arange(count) as values.
-    item_keys, _, _ = table.items()
-    assert int(count) == 4
-    assert _stored(numbered) == {k: i for i, k in enumerate(item_keys[:4].tolist())}
-    _leaves_equal(numbered.keys, table.keys)
-    short_keys, short_values, short_count = table.items(max_size=2)
-    assert short_keys.tolist() == item_keys[:2].tolist() and int(short_count) == 4
-    assert table.items(max_size=0)[0].shape == (0,)
-    # Empty slots hold the marker and 0 in items() and in the table itself.
-    padded_keys, padded_values, _ = table.items()
-    assert padded_keys[4:].tolist() == [INT32_MAX] * 12 and padded_values[4:].tolist() == [0] * 12
-    assert np.asarray(numbered.values)[np.asarray(numbered.keys) == INT32_MAX].tolist() == [0] * 12
+  keys = jnp.array([40, 10, 40, 30, -3], jnp.int32)
+  table = HashTable.create(16).insert(keys, jnp.array([1, 2, 3, 4, 5], jnp.int32))
+  assert _stored(table) == {40: 3, 10: 2, 30: 4, -3: 5}  # an existing key is overwritten
+  numbered, count = table.assign_arange()
+  # spconv: equivalent to inserting items()'s keys with arange(count) as values.
+  item_keys, _, _ = table.items()
+  assert int(count) == 4
+  assert _stored(numbered) == {k: i for i, k in enumerate(item_keys[:4].tolist())}
+  _leaves_equal(numbered.keys, table.keys)
+  short_keys, short_values, short_count = table.items(max_size=2)
+  assert short_keys.tolist() == item_keys[:2].tolist() and int(short_count) == 4
+  assert table.items(max_size=0)[0].shape == (0,)
+  # Empty slots hold the marker and 0 in items() and in the table itself.
+  padded_keys, padded_values, _ = table.items()
+  assert padded_keys[4:].tolist() == [INT32_MAX] * 12 and padded_values[4:].tolist() == [0] * 12
+  assert np.asarray(numbered.values)[np.asarray(numbered.keys) == INT32_MAX].tolist() == [0] * 12
 
 
 def test_create_rejects_bad_arguments():
