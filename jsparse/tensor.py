@@ -275,7 +275,8 @@ def kernel_map(
   A map stored under ``indice_key`` with the same spec is reused; one with a different spec is an
   error. A new map is stored under ``indice_key`` (when given). Eagerly, a ``None``
   ``out_capacity`` sizes the output to fit and a too-small one raises :class:`CapacityError`;
-  under jit the default is :func:`default_capacity` and a shortfall is recorded in ``overflow``.
+  under jit the default is :func:`jsparse.ops.default_capacity` and a shortfall is recorded in
+  ``overflow``.
 
   Args:
     x: the input ``SparseConvTensor``.
