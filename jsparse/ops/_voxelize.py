@@ -12,12 +12,11 @@ Semantics (``voxel_size`` and ``coors_range`` in xyz, outputs in zyx), per axis 
 - ``empty_mean=True`` fills a voxel's empty slots with the mean of its stored points (per voxel;
   spconv's CPU version accumulates across voxels, issue 477).
 
-Two backends (:func:`jsparse.backend`) with bitwise identical results: the FFI kernels
+Two backends (:func:`jsparse.backend`) with bitwise identical results: the FFI kernel
 (``xla_ffi/cpu/voxelize.cc``: cell keys in parallel, first-come ids from one thread's walk
 through a hash table of them, then the voxel rows in parallel, padding rows while the ids are
-being assigned) and a jnp
-reference that sorts points by cell. Under ``vmap`` each cloud is voxelized on its own (the FFI
-kernels run once per cloud).
+being assigned) and a jnp reference that sorts points by cell. Under ``vmap`` each cloud is
+voxelized on its own (the FFI kernel runs once per cloud).
 """
 
 from __future__ import annotations
