@@ -94,14 +94,14 @@ class SegNet(nnx.Module):
     def block(c_in, c_out, key):
       return [
         spnn.SubMConv3d(c_in, c_out, 3, indice_key=key, rngs=rngs),
-        nnx.BatchNorm(c_out, rngs=rngs),
+        spnn.BatchNorm(c_out, rngs=rngs),
         nnx.relu,
       ]
 
     self.encoder = spnn.SparseSequential(*block(in_channels, width, "subm1"), *block(width, width, "subm1"))
     self.down = spnn.SparseSequential(
       spnn.SparseConv3d(width, 2 * width, 3, 2, 1, indice_key="down1", rngs=rngs),
-      nnx.BatchNorm(2 * width, rngs=rngs),
+      spnn.BatchNorm(2 * width, rngs=rngs),
       nnx.relu,
       *block(2 * width, 2 * width, "subm2"),
     )

@@ -1,4 +1,4 @@
-"""Flax NNX layers with spconv's names: convolutions, pools, and SparseSequential to chain them."""
+"""Flax NNX layers with spconv's names: convolutions, pools, mask-aware norms, SparseSequential."""
 
 from jsparse.nn._base import SparseModule as SparseModule
 from jsparse.nn._conv import SparseConv as SparseConv
@@ -21,6 +21,9 @@ from jsparse.nn._conv import SubMConv1d as SubMConv1d
 from jsparse.nn._conv import SubMConv2d as SubMConv2d
 from jsparse.nn._conv import SubMConv3d as SubMConv3d
 from jsparse.nn._conv import SubMConv4d as SubMConv4d
+from jsparse.nn._norm import BatchNorm as BatchNorm
+from jsparse.nn._norm import GroupNorm as GroupNorm
+from jsparse.nn._norm import LayerNorm as LayerNorm
 from jsparse.nn._pool import SparseAvgPool as SparseAvgPool
 from jsparse.nn._pool import SparseAvgPool1d as SparseAvgPool1d
 from jsparse.nn._pool import SparseAvgPool2d as SparseAvgPool2d

@@ -25,7 +25,8 @@ def apply_to_features(layer: Callable[..., Any], x: SparseConvTensor) -> SparseC
   """Applies a feature-wise layer to ``x.features``; padding rows stay zero.
 
   Layers that take a ``mask`` keyword (``nnx.BatchNorm``, ``nnx.LayerNorm`` ...) get
-  ``mask=x.mask[:, None]``, so padding rows never enter their statistics.
+  ``mask=x.mask[:, None]``, so padding rows never enter their statistics (jsparse's own norms,
+  :class:`BatchNorm` and friends, take the tensor and need no mask).
   """
   if _accepts_mask(layer):
     features = layer(x.features, mask=x.mask[:, None])
@@ -46,7 +47,7 @@ class SparseSequential(SparseModule):
   >>> rngs = nnx.Rngs(0)
   >>> net = jsparse.nn.SparseSequential(
   ...     jsparse.nn.SubMConv3d(4, 8, 3, indice_key="subm0", rngs=rngs),
-  ...     nnx.BatchNorm(8, rngs=rngs), nnx.relu,
+  ...     jsparse.nn.BatchNorm(8, rngs=rngs), nnx.relu,
   ...     jsparse.nn.SubMConv3d(8, 8, 3, indice_key="subm0", rngs=rngs))
   >>> x = jsparse.SparseConvTensor(np.ones((2, 4), np.float32),
   ...     np.array([[0, 0, 0, 0], [0, 0, 0, 1]], np.int32), (4, 4, 4), 1)
