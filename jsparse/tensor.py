@@ -269,21 +269,29 @@ def kernel_map(
   indice_key: str | None = None,
   out_capacity: int | None = None,
   label: str = "layer",
+  *,
+  capacity_ratio: float | None = None,
+  record: str | None = None,
 ) -> tuple[ops.IndicePairs, dict[str, ops.IndicePairs], dict[str, jax.Array]]:
   """Finds or builds the map a layer needs, as spconv's ``indice_key`` cache does.
 
   A map stored under ``indice_key`` with the same spec is reused; one with a different spec is an
-  error. A new map is stored under ``indice_key`` (when given). Eagerly, a ``None``
-  ``out_capacity`` sizes the output to fit and a too-small one raises :class:`CapacityError`;
-  under jit the default is :func:`jsparse.ops.default_capacity` and a shortfall is recorded in
-  ``overflow``.
+  error. A new map is stored under ``indice_key`` (when given). A map that creates sites
+  records ``[needed, capacity]`` in ``overflow``: eagerly a ``None`` ``out_capacity`` sizes the
+  output to fit and a too-small one raises :class:`CapacityError`; under jit the capacity is
+  ``out_capacity``, else :func:`jsparse.ops.default_capacity` with ``capacity_ratio``, and the
+  record says whether sites were dropped (:func:`jsparse.check_capacity`).
 
   Args:
     x: the input ``SparseConvTensor``.
     spec: the geometry the layer needs (``spec.in_spatial_shape`` must be ``x.spatial_shape``).
     indice_key: the key to reuse or store the map under.
     out_capacity: static output capacity for maps that create sites.
-    label: names the layer in errors and overflow records.
+    label: names the layer in errors.
+    capacity_ratio: the default capacity as a multiple of the input's (see
+      :func:`jsparse.ops.default_capacity`), when ``out_capacity`` is None.
+    record: the key of the overflow record (a layer's ``capacity_key``); by default a running
+      number and ``label``.
 
   Returns:
     ``(pairs, indice_dict, overflow)``: the map and the dicts the output tensor carries.
@@ -308,7 +316,10 @@ def kernel_map(
 
   if spec.kind == "subm":
     pairs = ops.build_map(x.indices, spec, x.batch_size)
-  elif is_concrete(x.indices):
+    if indice_key is not None:
+      indice_dict[indice_key] = pairs
+    return pairs, indice_dict, overflow
+  if is_concrete(x.indices):
     sites, needed = ops.output_sites(x.indices, spec, x.batch_size, x.capacity * spec.kernel_volume)
     needed = int(needed)
     if out_capacity is not None and needed > out_capacity:
@@ -320,9 +331,15 @@ def kernel_map(
     sites = jnp.pad(sites[:capacity], ((0, max(0, capacity - sites.shape[0])), (0, 0)), constant_values=-1)
     pairs = ops.map_for_outputs(x.indices, sites, jnp.int32(needed), spec, x.batch_size)
   else:
-    capacity = ops.default_capacity(spec, x.capacity) if out_capacity is None else out_capacity
+    capacity = out_capacity
+    if capacity is None:
+      capacity = ops.default_capacity(spec, x.capacity, capacity_ratio)
     pairs = ops.build_map(x.indices, spec, x.batch_size, capacity)
-    overflow[f"{len(overflow):03d} {label}"] = overflow_entry(pairs.num_out, capacity)
+  key = f"{len(overflow):03d} {label}" if record is None else record
+  calls = 1
+  while f"{key} (call {calls})" in overflow or (calls == 1 and key in overflow):
+    calls += 1  # the same layer on this tensor's lineage again
+  overflow[key if calls == 1 else f"{key} (call {calls})"] = overflow_entry(pairs.num_out, pairs.out_capacity)
   if indice_key is not None:
     indice_dict[indice_key] = pairs
   return pairs, indice_dict, overflow

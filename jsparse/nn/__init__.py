@@ -24,6 +24,8 @@ from jsparse.nn._conv import SubMConv4d as SubMConv4d
 from jsparse.nn._norm import BatchNorm as BatchNorm
 from jsparse.nn._norm import GroupNorm as GroupNorm
 from jsparse.nn._norm import LayerNorm as LayerNorm
+from jsparse.nn._planning import grow_on_overflow as grow_on_overflow
+from jsparse.nn._planning import plan_capacities as plan_capacities
 from jsparse.nn._pool import SparseAvgPool as SparseAvgPool
 from jsparse.nn._pool import SparseAvgPool1d as SparseAvgPool1d
 from jsparse.nn._pool import SparseAvgPool2d as SparseAvgPool2d

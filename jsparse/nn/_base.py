@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,8 @@ from jsparse import ops
 from jsparse.tensor import SparseConvTensor, kernel_map
 
 IntOrSeq = int | Sequence[int]
+
+_capacity_keys = itertools.count()
 
 
 class SparseModule(nnx.Module):
@@ -50,18 +53,31 @@ class SparseModule(nnx.Module):
 
 
 class BuildsMap:
-  """The window geometry of a layer that finds or builds its own kernel map (convs and pools)."""
+  """The window geometry of a layer that finds or builds its own kernel map (convs and pools).
+
+  A layer whose map creates sites has a static output capacity under jit: ``out_capacity``
+  rows, or ``capacity_ratio`` times its input's capacity (see
+  :func:`jsparse.ops.default_capacity`). It records ``[needed, capacity]`` in its output's
+  ``overflow`` under its ``capacity_key``, a name unique to the layer object, by which
+  :func:`plan_capacities` and :func:`grow_on_overflow` find it.
+  """
 
   num_spatial_dims: int
   kernel_size: tuple[int, ...]
 
-  def _set_window(self, stride, padding, dilation, indice_key, out_capacity) -> None:
+  def _set_window(self, stride, padding, dilation, indice_key, out_capacity, capacity_ratio) -> None:
     n = self.num_spatial_dims
     self.stride = ops.ntuple(stride, n, "stride")
     self.padding = ops.ntuple(padding, n, "padding")
     self.dilation = ops.ntuple(dilation, n, "dilation")
     self.indice_key = indice_key
+    if out_capacity is not None and (not isinstance(out_capacity, int) or out_capacity < 1):
+      raise ValueError(f"out_capacity must be a positive int (rows), got {out_capacity!r}")
+    if capacity_ratio is not None and not capacity_ratio > 0:
+      raise ValueError(f"capacity_ratio must be positive, got {capacity_ratio!r}")
     self.out_capacity = out_capacity
+    self.capacity_ratio = capacity_ratio
+    self.capacity_key = f"{type(self).__name__}#{next(_capacity_keys)}"
 
   def _window_label(self) -> str:
     key = "" if self.indice_key is None else f", indice_key={self.indice_key!r}"
@@ -71,4 +87,13 @@ class BuildsMap:
     """``(spec, pairs, indice_dict, overflow)``: the map of this window over ``x`` (see
     :func:`jsparse.tensor.kernel_map`)."""
     spec = ops.make_spec(kind, x.spatial_shape, self.kernel_size, self.stride, self.padding, self.dilation)
-    return spec, *kernel_map(x, spec, self.indice_key, self.out_capacity, label)
+    maps = kernel_map(
+      x,
+      spec,
+      self.indice_key,
+      self.out_capacity,
+      label,
+      capacity_ratio=self.capacity_ratio,
+      record=self.capacity_key,
+    )
+    return spec, *maps

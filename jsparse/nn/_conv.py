@@ -96,6 +96,7 @@ class _MapBuildingConv(_Conv, BuildsMap):
     *,
     num_spatial_dims: int | None = None,
     out_capacity: int | None = None,
+    capacity_ratio: float | None = None,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     precision: lax.PrecisionLike = None,
@@ -108,7 +109,7 @@ class _MapBuildingConv(_Conv, BuildsMap):
       dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
       bias_init=bias_init, rngs=rngs,
     )  # fmt: skip
-    self._set_window(stride, padding, dilation, indice_key, out_capacity)
+    self._set_window(stride, padding, dilation, indice_key, out_capacity, capacity_ratio)
 
   def _label(self) -> str:
     return f"{type(self).__name__}({self.in_channels}->{self.out_channels}, {self._window_label()})"
@@ -134,8 +135,11 @@ _ARGS_DOC = """
       the map already stored there (the geometry must match).
     num_spatial_dims: the number of spatial axes; fixed by the 1d-4d classes (``SparseConv3d``),
       required by the generic one.
-    out_capacity: static output row count for layers that create sites (see
-      :func:`jsparse.check_capacity`).
+    out_capacity: static output row count under jit, for layers that create sites (see
+      :func:`jsparse.check_capacity`); eagerly ``None`` sizes the output to fit.
+    capacity_ratio: when ``out_capacity`` is None, the output capacity under jit as a multiple
+      of the input's (default: 2 for windows that overlap, 1 for windows that do not,
+      ``prod(stride)`` for transposed layers; see :func:`jsparse.ops.default_capacity`).
     dtype: computation dtype (default: promoted from inputs and parameters).
     param_dtype: parameter dtype.
     precision: matmul precision, as for ``lax.conv`` (``None``: the platform default).
@@ -151,8 +155,9 @@ class SparseConv(_MapBuildingConv):
 
   An output site is active iff some kernel tap reaches an active input; the output grid has
   ``(n + 2p - d(k - 1) - 1) // s + 1`` cells per axis and its rows are sorted by (batch, coords).
-  Eagerly the output is sized to fit; under jit its capacity is ``out_capacity`` (default: the
-  input's capacity).
+  Eagerly the output is sized to fit; under jit its capacity is ``out_capacity`` (default: twice
+  the input's capacity where the windows overlap, as for k3 s2, else the input's; see
+  ``capacity_ratio``).
 """
     + _ARGS_DOC
     + """

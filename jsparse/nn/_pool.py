@@ -24,11 +24,12 @@ class _Pool(SparseModule, BuildsMap):
     *,
     num_spatial_dims: int | None = None,
     out_capacity: int | None = None,
+    capacity_ratio: float | None = None,
   ):
     n = self._set_spatial_dims(num_spatial_dims)
     self.kernel_size = ops.ntuple(kernel_size, n, "kernel_size")
     stride = self.kernel_size if stride is None else stride
-    self._set_window(stride, padding, dilation, indice_key, out_capacity)
+    self._set_window(stride, padding, dilation, indice_key, out_capacity, capacity_ratio)
 
   def _label(self) -> str:
     return f"{type(self).__name__}({self._window_label()})"
@@ -60,7 +61,10 @@ _POOL_ARGS = """
     num_spatial_dims: the number of spatial axes; fixed by the 1d-4d classes
       (``SparseMaxPool3d``), required by the generic one.
     out_capacity: static output row count (see :func:`jsparse.check_capacity`); eagerly ``None``
-      sizes the output to fit, under jit it defaults to the input capacity.
+      sizes the output to fit.
+    capacity_ratio: when ``out_capacity`` is None, the output capacity under jit as a multiple
+      of the input's (default: 2 for windows that overlap, else 1; see
+      :func:`jsparse.ops.default_capacity`).
 """
 
 
