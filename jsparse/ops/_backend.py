@@ -14,6 +14,7 @@ import jax
 from jax import lax
 
 from jsparse import _ffi
+from jsparse.ops._varying import vary_like
 
 BACKENDS = ("auto", "ffi", "reference")
 _ENV_VAR = "JSPARSE_BACKEND"
@@ -73,7 +74,12 @@ def dispatch(target: str, ffi_impl: Callable[..., Any], reference: Callable[...,
     return ffi_impl(*args)
   if not platforms:
     return reference(*args)
-  return lax.platform_dependent(*args, default=reference, **{p: ffi_impl for p in platforms})
+
+  def varying(fn):  # every branch's outputs vary over the same shard_map axes: those of the args
+    return lambda *a: jax.tree.map(lambda out: vary_like(out, *a), fn(*a))
+
+  branches = {p: varying(ffi_impl) for p in platforms}
+  return lax.platform_dependent(*args, default=varying(reference), **branches)
 
 
 def jit(

@@ -21,6 +21,7 @@ from jsparse import _ffi
 from jsparse.ops import _backend
 from jsparse.ops._gather import gather_rows
 from jsparse.ops._kmap import IndicePairs
+from jsparse.ops._varying import vary_like
 
 
 def _grouped_matmul(x: jax.Array, w: jax.Array, groups: int, precision) -> jax.Array:
@@ -47,7 +48,7 @@ def _gather_matmul(features, kernel, nbr, groups, precision) -> jax.Array:
     rows, w = tap_args
     return acc + _grouped_matmul(gather_rows(features, rows), w, groups, precision), None
 
-  acc = jnp.zeros((nbr.shape[0], kernel.shape[2]), jnp.float32)
+  acc = vary_like(jnp.zeros((nbr.shape[0], kernel.shape[2]), jnp.float32), features, kernel, nbr)
   acc, _ = lax.scan(tap, acc, (nbr.T, kernel))
   return acc
 
@@ -214,6 +215,9 @@ def _sparse_conv_impl(features, kernel, pairs, bias, groups, precision):
   kernel_flat = kernel.reshape(pairs.spec.kernel_volume, *kernel.shape[-2:])
   # Padding rows of a map have no pairs, so both backends already return 0 there: no masking
   # pass over the (often tens of MiB) output, and XLA writes the kernel's result in place.
+  # Inside shard_map the kernel (replicated) meets per-shard features: it enters the custom VJP
+  # varying like them, so that its gradient there has its type (JAX sums it over the shards).
+  kernel_flat = vary_like(kernel_flat, features, pairs.nbr)
   out = _conv(features, kernel_flat, pairs.nbr, pairs.nbr_t, groups, precision)
   if bias is None:
     return out

@@ -22,6 +22,7 @@ from jax import lax
 from jsparse import _ffi
 from jsparse._capacity import CapacityError, is_concrete, round_capacity
 from jsparse.ops import _backend
+from jsparse.ops._varying import vary_like
 
 _KEY_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 _VALUE_DTYPES = (np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.float32), np.dtype(np.float64))
@@ -100,26 +101,13 @@ def _find(table_keys: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]
 # ---- the reference path -------------------------------------------------------------------
 
 
-def _vary_like(x: jax.Array, *others: jax.Array) -> jax.Array:
-  """``x``, varying over every shard_map axis that one of ``others`` varies over (a loop carry
-  must keep its type: a table created inside shard_map and filled with per-shard keys)."""
-
-  def varying(a):
-    aval = jax.typeof(a)
-    return aval.mat.varying if hasattr(aval, "mat") else getattr(aval, "vma", frozenset())
-
-  axes = frozenset().union(*map(varying, others)) - varying(x)
-  return lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
-
-
 def _insert_reference(table_keys, table_values, dropped, keys, values):
   if keys.shape[0] == 0:
     return table_keys, table_values, dropped
   empty = empty_key(keys.dtype)
   starts = _first_slot(keys, table_keys.shape[0])
   table = tuple(
-    _vary_like(x, table_keys, table_values, dropped, keys, values)
-    for x in (table_keys, table_values, dropped)
+    vary_like(x, table_keys, table_values, dropped, keys, values) for x in (table_keys, table_values, dropped)
   )
 
   def insert_one(i, table):

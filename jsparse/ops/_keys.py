@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jsparse.ops._varying import vary_like
+
 INT32_MAX = int(np.iinfo(np.int32).max)
 
 Words = tuple[jax.Array, ...]
@@ -115,8 +117,8 @@ def lookup(table: SortedKeys, query: Words) -> jax.Array:
   n = table.words[0].shape[0]
   if n == 0:
     return jnp.full(query[0].shape, -1, jnp.int32)
-  lo = jnp.zeros(query[0].shape, jnp.int32)
-  hi = jnp.full(query[0].shape, n, jnp.int32)
+  lo = vary_like(jnp.zeros(query[0].shape, jnp.int32), *table.words, *query)
+  hi = vary_like(jnp.full(query[0].shape, n, jnp.int32), *table.words, *query)
 
   def bisect(_, bounds):  # lower bound: first position whose key is not less than the query
     lo, hi = bounds

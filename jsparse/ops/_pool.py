@@ -25,6 +25,7 @@ from jsparse import _ffi
 from jsparse.ops import _backend
 from jsparse.ops._gather import gather_rows
 from jsparse.ops._kmap import IndicePairs
+from jsparse.ops._varying import vary_like
 
 
 def _check(features: jax.Array, pairs: IndicePairs, op: str) -> None:
@@ -37,9 +38,11 @@ def _check(features: jax.Array, pairs: IndicePairs, op: str) -> None:
     raise ValueError(f"{op}: features must be floating point, got {features.dtype}")
 
 
-def _scan_taps(step, init, nbr: jax.Array):
-  """Folds ``step(carry, (rows, k))`` over the taps of ``nbr [N, K]`` in kernel order."""
+def _scan_taps(step, init, nbr: jax.Array, data: jax.Array):
+  """Folds ``step(carry, (rows, k))`` over the taps of ``nbr [N, K]`` in kernel order; the
+  carry ``init`` varies like ``data``, the values the steps gather."""
   taps = jnp.arange(nbr.shape[1], dtype=jnp.int32)
+  init = jax.tree.map(lambda a: vary_like(a, nbr, data), init)
   return lax.scan(lambda carry, xs: (step(carry, xs), None), init, (nbr.T, taps))[0]
 
 
@@ -57,7 +60,7 @@ def _max_reference(x, nbr):
     return jnp.where(take, v, best), jnp.where(take, k, arg)
 
   init = (jnp.zeros((n, c), jnp.float32), jnp.full((n, c), -1, jnp.int32))
-  best, arg = _scan_taps(step, init, nbr)
+  best, arg = _scan_taps(step, init, nbr, x)
   return jnp.where(arg >= 0, best, 0).astype(x.dtype), arg
 
 
@@ -69,7 +72,7 @@ def _max_grad_reference(dy, arg, nbr_t):
     return acc + jnp.where(hit, gather_rows(dy, rows).astype(jnp.float32), 0.0)
 
   acc = jnp.zeros((nbr_t.shape[0], dy.shape[1]), jnp.float32)
-  return _scan_taps(step, acc, nbr_t).astype(dy.dtype)
+  return _scan_taps(step, acc, nbr_t, dy).astype(dy.dtype)
 
 
 def _max_pool_with_arg(x, nbr):
@@ -145,13 +148,13 @@ def _reciprocal(counts):
 
 def _avg_reference(x, nbr, counts):
   acc = jnp.zeros((nbr.shape[0], x.shape[1]), jnp.float32)
-  acc = _scan_taps(lambda acc, tap: acc + gather_rows(x, tap[0]).astype(jnp.float32), acc, nbr)
+  acc = _scan_taps(lambda acc, tap: acc + gather_rows(x, tap[0]).astype(jnp.float32), acc, nbr, x)
   return (acc * _reciprocal(counts)[:, None]).astype(x.dtype)
 
 
 def _gather_sum_reference(scaled, nbr_t, dtype):
   acc = jnp.zeros((nbr_t.shape[0], scaled.shape[1]), jnp.float32)
-  return _scan_taps(lambda acc, tap: acc + gather_rows(scaled, tap[0]), acc, nbr_t).astype(dtype)
+  return _scan_taps(lambda acc, tap: acc + gather_rows(scaled, tap[0]), acc, nbr_t, scaled).astype(dtype)
 
 
 def _avg_pool_forward(x, nbr, counts):
