@@ -41,6 +41,7 @@ from jsparse.utils import PointToVoxel, mean_voxel_features
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _spconv  # noqa: E402
 import _spconv_models  # noqa: E402
+import _table  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 KITTI_RANGE = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0)
@@ -160,11 +161,7 @@ COLUMNS = (
 
 
 def row(*cells: Any) -> str:
-  text = []
-  for (name, width), cell in zip(COLUMNS, cells):
-    cell = "" if cell is None else f"{cell:.1f}" if isinstance(cell, float) else str(cell)
-    text.append(f"{cell:<{width}}" if name == "case" else f"{cell:>{width}}")
-  return "".join(text)
+  return _table.row(COLUMNS, *cells, digits=1)
 
 
 def main() -> None:
@@ -175,7 +172,7 @@ def main() -> None:
   with_spconv = not args.no_spconv and _spconv.available()
   print(f"jax {jax.__version__} on {jax.default_backend()}; medians of {args.repeats} calls")
   print(f"spconv 2.3.8 (CPU, 1 thread) side by side: {'yes' if with_spconv else 'not installed'}")
-  print(row(*(name for name, _ in COLUMNS)), flush=True)
+  print(_table.header(COLUMNS), flush=True)
   for case in cases():
     forward, step, sites = jsparse_calls(case)
     fns = {"forward": forward, "step": step}

@@ -41,6 +41,7 @@ from jsparse.utils import PointToVoxel
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _spconv  # noqa: E402
+import _table  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
@@ -133,11 +134,7 @@ COLUMNS = (
 
 
 def row(*cells: Any) -> str:
-  text = []
-  for (name, width), cell in zip(COLUMNS, cells):
-    cell = "" if cell is None else f"{cell:.3f}" if isinstance(cell, float) else str(cell)
-    text.append(f"{cell:<{width}}" if name == "case" else f"{cell:>{width}}")
-  return "".join(text)
+  return _table.row(COLUMNS, *cells, digits=3)
 
 
 def main() -> None:
@@ -149,7 +146,7 @@ def main() -> None:
   cores = len(os.sched_getaffinity(0))
   print(f"jax {jax.__version__} on {jax.default_backend()} ({cores} cores); medians of {args.repeats} calls")
   print(f"spconv 2.3.8 (CPU, 1 thread) side by side: {'yes' if with_spconv else 'not installed'}")
-  print(row(*(name for name, _ in COLUMNS)))
+  print(_table.header(COLUMNS))
   for case in CASES:
     label, scan, features, vsize, coors_range, max_voxels, max_points = case
     columns = 5 if scan.startswith("nuscenes") else 4
