@@ -28,12 +28,12 @@ def overflow_entry(needed: jax.Array, capacity: int) -> jax.Array:
 def check_capacity(x: Any) -> None:
   """Host-side check that nothing was dropped for lack of capacity.
 
-  Under ``jit`` capacities are static, so a layer that finds more output sites than its
-  ``out_capacity`` keeps the first ``out_capacity`` (in (batch, coords) order) and records the
-  shortfall in the tensor's ``overflow`` dict; ``from_dense``, ``sparse_add`` (their ``capacity``)
-  and ``PointToVoxel`` (``max_num_voxels``, via its ``overflow`` method) record theirs the same
-  way. Call this after a step (outside jit) on the output tensor, or on an ``overflow`` dict
-  returned as an auxiliary output.
+  Under ``jit`` capacities are static: a layer that creates sites keeps the first of them that
+  fit (in (batch, coords) order) and records ``[needed, capacity]`` in its output's ``overflow``
+  dict; ``from_dense``, ``sparse_add`` (their ``capacity``) and ``PointToVoxel``
+  (``max_num_voxels``, via its ``overflow`` method) record theirs the same way. Call this after a
+  step (outside jit) on the output tensor, or on an ``overflow`` dict returned as an auxiliary
+  output. (:func:`jsparse.nn.grow_on_overflow` does it for a train step and grows the layers.)
 
   Args:
     x: a ``SparseConvTensor`` or an ``overflow`` dict ``{label: int32 [needed, capacity]}``.

@@ -336,10 +336,11 @@ def kernel_map(
       capacity = ops.default_capacity(spec, x.capacity, capacity_ratio)
     pairs = ops.build_map(x.indices, spec, x.batch_size, capacity)
   key = f"{len(overflow):03d} {label}" if record is None else record
-  calls = 1
-  while f"{key} (call {calls})" in overflow or (calls == 1 and key in overflow):
-    calls += 1  # the same layer on this tensor's lineage again
-  overflow[key if calls == 1 else f"{key} (call {calls})"] = overflow_entry(pairs.num_out, pairs.out_capacity)
+  name, calls = key, 1
+  while name in overflow:  # the same layer on this tensor's lineage again
+    calls += 1
+    name = f"{key} (call {calls})"
+  overflow[name] = overflow_entry(pairs.num_out, pairs.out_capacity)
   if indice_key is not None:
     indice_dict[indice_key] = pairs
   return pairs, indice_dict, overflow

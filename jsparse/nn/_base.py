@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,11 +72,11 @@ class BuildsMap:
     self.padding = ops.ntuple(padding, n, "padding")
     self.dilation = ops.ntuple(dilation, n, "dilation")
     self.indice_key = indice_key
-    if out_capacity is not None and (not isinstance(out_capacity, int) or out_capacity < 1):
+    if out_capacity is not None and (not isinstance(out_capacity, numbers.Integral) or out_capacity < 1):
       raise ValueError(f"out_capacity must be a positive int (rows), got {out_capacity!r}")
     if capacity_ratio is not None and not capacity_ratio > 0:
       raise ValueError(f"capacity_ratio must be positive, got {capacity_ratio!r}")
-    self.out_capacity = out_capacity
+    self.out_capacity = None if out_capacity is None else int(out_capacity)
     self.capacity_ratio = capacity_ratio
     self.capacity_key = f"{type(self).__name__}#{next(_capacity_keys)}"
 

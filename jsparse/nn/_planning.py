@@ -37,29 +37,27 @@ def _site_layers(*nodes: Any) -> dict[str, tuple[str, BuildsMap]]:
   return found
 
 
-def _records(overflow: Any) -> dict[str, tuple[int, int]]:
-  """``label -> (needed, capacity)`` on the host, from a tensor, an overflow dict, or a sequence
-  of those. A layer called twice on one lineage records ``"<key> (call 2)"``: both go to its key."""
+def _records(overflow: Any) -> dict[str, list[tuple[int, int]]]:
+  """``key -> [(needed, capacity), ...]`` on the host, one pair per call, from a tensor, an overflow
+  dict, or a sequence of those. A layer called twice on one lineage records ``"<key> (call 2)"``;
+  a record that ``shard_map`` returned per device (``[devices, 2]``) gives a pair per device."""
   if isinstance(overflow, SparseConvTensor):
     overflow = overflow.overflow
   if isinstance(overflow, (list, tuple)):
-    merged: dict[str, tuple[int, int]] = {}
+    merged: dict[str, list[tuple[int, int]]] = {}
     for part in overflow:
-      for label, (needed, capacity) in _records(part).items():
-        old = merged.get(label, (0, capacity))
-        merged[label] = (max(old[0], needed), capacity)
+      for key, pairs in _records(part).items():
+        merged.setdefault(key, []).extend(pairs)
     return merged
   if not isinstance(overflow, Mapping):
     raise TypeError(
       "expected the overflow records: a SparseConvTensor, its .overflow dict, or a list of those; "
       f"got {type(overflow).__name__}"
     )
-  records: dict[str, tuple[int, int]] = {}
+  records: dict[str, list[tuple[int, int]]] = {}
   for label, record in overflow.items():
-    needed, capacity = (int(v) for v in np.asarray(record).reshape(-1, 2).max(axis=0))
     key = label.split(" (call ")[0]
-    old = records.get(key, (0, capacity))
-    records[key] = (max(old[0], needed), max(old[1], capacity))
+    records.setdefault(key, []).extend((int(n), int(c)) for n, c in np.asarray(record).reshape(-1, 2))
   return records
 
 
@@ -111,8 +109,8 @@ def plan_capacities(
                if isinstance(t, SparseConvTensor)]  # fmt: skip
     if not tensors:
       raise ValueError("the model's outputs hold no SparseConvTensor, whose overflow records the needs")
-    for key, (n, _) in _records(tensors).items():
-      needed[key] = max(needed.get(key, 0), n)
+    for key, pairs in _records(tensors).items():
+      needed[key] = max(needed.get(key, 0), *(n for n, _ in pairs))
   planned = {}
   for key, (path, layer) in _site_layers(model).items():
     if key in needed:
@@ -157,12 +155,13 @@ def grow_on_overflow(step: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]
     saved = nnx.clone(nnx.state(nodes))  # the values: a State holds the live Variables
     while True:
       result, overflow = jitted(*args, **kwargs)
-      short = {key: (n, c) for key, (n, c) in _records(overflow).items() if n > c}
+      short = {key: pairs for key, pairs in _records(overflow).items() if any(n > c for n, c in pairs)}
       if not short:
         return result
       nnx.update(nodes, saved)
       layers = _site_layers(*nodes)
-      for key, (n, c) in short.items():
+      for key, pairs in short.items():
+        n, c = max(pairs)  # the call that needed the most
         if key not in layers:
           raise CapacityError(
             f"{key} needed {n} rows but holds {c}, and it is not a layer of this step's modules; "

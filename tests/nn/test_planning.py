@@ -135,3 +135,20 @@ def test_grow_on_overflow_cannot_grow_what_no_layer_owns():
 
   with pytest.raises(jsparse.CapacityError, match="not a layer of this step's modules"):
     spnn.grow_on_overflow(step)(x)
+
+
+def test_grow_on_overflow_sees_any_call_of_a_layer_that_overflowed():
+  """One layer, two calls in a step: the first drops sites (its input's capacity, times the ratio,
+  is small), the second has room to spare. The step is still grown and run again."""
+  rng = np.random.default_rng(3)
+  crowded, roomy = _batch(rng, 400, 416), _batch(rng, 20, 4096)
+  layer = spnn.SparseConv3d(4, 4, 3, 2, 1, capacity_ratio=0.25, rngs=nnx.Rngs(0))
+
+  def step(layer, a, b):
+    ya, yb = layer(a), layer(b)
+    return jnp.sum(ya.features) + jnp.sum(yb.features), [ya, yb]
+
+  spnn.grow_on_overflow(step)(layer, crowded, roomy)
+  needed = int(spnn.SparseConv3d(4, 4, 3, 2, 1, rngs=nnx.Rngs(0))(crowded).num_active)
+  assert layer.out_capacity == jsparse.round_capacity(needed)
+  jsparse.check_capacity(nnx.jit(lambda layer, x: layer(x))(layer, crowded))
