@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, settings
 
 import jsparse
 from jsparse import _ffi
+from sparse_data import platform_device
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -70,6 +71,13 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
   """
   with jsparse.backend(request.param):
     yield request.param
+
+
+@pytest.fixture(params=_ffi.PLATFORMS)
+def ffi_device(request: pytest.FixtureRequest) -> jax.Device:
+  """A device of each platform ("cpu", "cuda") whose FFI kernels the test checks against the reference
+  path (see ``sparse_data.platform_device``, which hypothesis tests call with a parametrized platform)."""
+  return platform_device(request.param)
 
 
 # spconv 2.3.8, the oracle of the tests marked `spconv`. With JSPARSE_REQUIRE_SPCONV=1 (`make test-spconv`

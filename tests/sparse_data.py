@@ -53,9 +53,24 @@ def clustered_points(rng: np.random.Generator, n: int, ndim: int, extent: int, f
   return np.concatenate([coords, extra], axis=1)
 
 
-def both_backends(fn: Callable[..., Any], *args: Any) -> list[Any]:
-  """``[ffi, reference]``: ``fn(*args)`` jitted and run on each backend; a fresh function per
-  backend, since jit caches traces per function object and the backend is read when tracing."""
+def platform_device(platform: str) -> jax.Device:
+  """A device of ``platform`` ("cpu" or "cuda") to run jsparse's FFI kernels on. Skips the test when
+  that platform's jsparse extension is not built, and on CUDA when jax has no CUDA device: the CUDA
+  kernels are tested on a GPU machine (``benchmarks/gpu_check.sh``)."""
+  if not _ffi.built(platform):
+    pytest.skip(f"jsparse's {platform} extension is not built")
+  try:
+    return jax.devices(platform)[0]
+  except RuntimeError:
+    pytest.skip(f"jax has no {platform} device here; benchmarks/gpu_check.sh runs these on a GPU machine")
+
+
+def both_backends(fn: Callable[..., Any], *args: Any, device: jax.Device | None = None) -> list[Any]:
+  """``[ffi, reference]``: ``fn(*args)`` jitted and run on each backend, on ``device`` (the args
+  are put there; default: where they are). A fresh function per backend, since jit caches traces
+  per function object and the backend is read when tracing."""
+  if device is not None:
+    args = jax.device_put(args, device)
   results = []
   for name in ("ffi", "reference"):
     with jsparse.backend(name):

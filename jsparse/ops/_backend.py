@@ -29,7 +29,8 @@ def _checked(name: str, source: str) -> str:
 
 def current_backend() -> str:
   """The backend in force: the innermost :func:`backend` context, else ``$JSPARSE_BACKEND``, else
-  ``"auto"`` (FFI kernels where built for the platform, the reference path elsewhere)."""
+  ``"auto"`` (FFI kernels where built for the platform and verified there, today CPU; the reference
+  path elsewhere)."""
   name = _selected.get()
   if name is not None:
     return name
@@ -56,7 +57,8 @@ def backend(name: str) -> Iterator[None]:
 
 
 def dispatch(target: str, ffi_impl: Callable[..., Any], reference: Callable[..., Any], *args: Any) -> Any:
-  """Runs ``ffi_impl(*args)`` on platforms where ``target`` is built, ``reference(*args)`` elsewhere.
+  """Runs ``ffi_impl(*args)`` on platforms where ``target`` is built (under ``"auto"``: and in
+  ``_ffi.AUTO_PLATFORMS``), ``reference(*args)`` elsewhere.
 
   The platform is chosen when XLA lowers the computation (``lax.platform_dependent``), so one
   traced function works on CPU and GPU alike.
@@ -72,6 +74,7 @@ def dispatch(target: str, ffi_impl: Callable[..., Any], reference: Callable[...,
         "jsparse with its C++ extension (make test does) or use backend('reference')"
       )
     return ffi_impl(*args)
+  platforms = tuple(p for p in platforms if p in _ffi.AUTO_PLATFORMS)
   if not platforms:
     return reference(*args)
 

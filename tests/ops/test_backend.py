@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import jsparse
-from jsparse import ops
+from jsparse import _ffi, ops
+from jsparse.ops import _backend
 from sparse_data import both_backends, needs_ffi, random_sites
 
 
@@ -24,6 +25,24 @@ def test_the_cpu_extension_is_built_and_registered():
   assert info["cpu_ffi"] is True, "make test builds the C++ extension; it must load"
   assert "jsparse_check_indices" in info["ffi_targets"]["cpu"]
   assert info["jax_version"] == jax.__version__
+
+
+@needs_ffi
+def test_auto_runs_the_kernels_of_verified_platforms_only(monkeypatch):
+  """ "auto" takes a platform's kernels only where they are verified (``_ffi.AUTO_PLATFORMS``);
+  "ffi" takes them wherever they are built."""
+
+  def chosen():  # a fresh jit each time: the choice is made when tracing
+    kernels, reference = (lambda x: x + 1), (lambda x: x - 1)
+    run = jax.jit(lambda x: _backend.dispatch("jsparse_check_indices", kernels, reference, x))
+    return "kernels" if int(run(jnp.int32(0))) == 1 else "reference"
+
+  with jsparse.backend("auto"):
+    assert chosen() == "kernels"
+    monkeypatch.setattr(_ffi, "AUTO_PLATFORMS", ())
+    assert chosen() == "reference"
+  with jsparse.backend("ffi"):
+    assert chosen() == "kernels"
 
 
 def test_backend_context_and_environment():

@@ -232,12 +232,11 @@ def test_precision_is_passed_to_the_matmuls():
 CONV_TOLERANCE = {jnp.float32: 2e-6, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}
 
 
-@needs_ffi
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize(
   "kind,groups", [("subm", 1), ("subm", 2), ("conv", 2), ("transpose", 1), ("subm", 5)]
 )
-def test_conv_and_gradients_match(dtype, kind, groups):
+def test_conv_and_gradients_match(ffi_device, dtype, kind, groups):
   rng = np.random.default_rng(7)
   shape, batch = (7, 6, 5), 2
   indices = jnp.asarray(random_sites(rng, batch, shape, 120))
@@ -255,19 +254,21 @@ def test_conv_and_gradients_match(dtype, kind, groups):
     out, vjp = jax.vjp(lambda f, k: ops.sparse_conv(f, k, pairs, groups=groups, precision="highest"), f, k)
     return out, *vjp(cotangent)
 
-  ffi, reference = both_backends(run, features, kernel)
-  for a, b in zip(ffi, reference):
+  ffi, reference = both_backends(run, features, kernel, device=ffi_device)
+  again, _ = both_backends(run, features, kernel, device=ffi_device)
+  for a, b, c in zip(ffi, reference, again):
     assert a.dtype == b.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))  # deterministic
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     np.testing.assert_allclose(a, b, rtol=CONV_TOLERANCE[dtype], atol=CONV_TOLERANCE[dtype] * np.abs(b).max())
 
 
-@needs_ffi
 @pytest.mark.parametrize("c_in,c_out", [(8, 16), (5, 3)])
-def test_weight_gradient_over_many_row_ranges(c_in, c_out):
+def test_weight_gradient_over_many_row_ranges(ffi_device, c_in, c_out):
   # The FFI kernel gradient sums per-range partials (ranges of at least 4096 rows) in a tree: 11
   # ranges here, the last ones all padding rows (no pairs at all), in the one-pass submanifold
-  # backward (8, 16) and in the separate weight gradient's copying path (5, 3).
+  # backward (8, 16) and in the separate weight gradient's copying path (5, 3). The CUDA kernel
+  # sums up to 32 chunks of rows, here 32 of 1408 rows.
   rng = np.random.default_rng(3)
   shape = (40, 40, 40)
   sites = random_sites(rng, 1, shape, 30000)
@@ -281,19 +282,18 @@ def test_weight_gradient_over_many_row_ranges(c_in, c_out):
   def d_kernel(f, k):
     return jax.vjp(lambda k: ops.sparse_conv(f, k, pairs, precision="highest"), k)[1](cotangent)[0]
 
-  ffi, reference = (np.asarray(g) for g in both_backends(d_kernel, features, kernel))
+  ffi, reference = (np.asarray(g) for g in both_backends(d_kernel, features, kernel, device=ffi_device))
   np.testing.assert_allclose(ffi, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
-@needs_ffi
-def test_empty_and_all_padding_inputs():
+def test_empty_and_all_padding_inputs(ffi_device):
   spec = ops.make_spec("conv", (5, 5), 3, 2, 1)
-  kernel = jnp.ones((3, 3, 3, 2))
+  kernel = jax.device_put(jnp.ones((3, 3, 3, 2)), ffi_device)
   for indices in (jnp.zeros((0, 3), jnp.int32), jnp.full((6, 3), -1, jnp.int32)):
-    pairs, reference = both_backends(lambda i: ops.build_map(i, spec, 1, 4), indices)
+    pairs, reference = both_backends(lambda i: ops.build_map(i, spec, 1, 4), indices, device=ffi_device)
     assert int(pairs.num_out) == 0
     np.testing.assert_array_equal(pairs.nbr, reference.nbr)
-    features = jnp.ones((indices.shape[0], 3))
+    features = jax.device_put(jnp.ones((indices.shape[0], 3)), ffi_device)
     with jsparse.backend("ffi"):
       out = ops.sparse_conv(features, kernel, pairs)
       grad = jax.grad(lambda f, p=pairs: jnp.sum(ops.sparse_conv(f, kernel, p)))(features)
@@ -343,11 +343,11 @@ def test_handlers_reject_bad_arguments():
     (jnp.float16, 8, 16, 1, False),
   ],
 )
-def test_backward_symmetric_equals_the_separate_kernels(dtype, c_in, c_out, groups, one_pass):
+def test_backward_symmetric_equals_the_separate_kernels(ffi_device, dtype, c_in, c_out, groups, one_pass):
   """One target for both gradients of an odd submanifold map, whatever the dtype and channels:
   the kernel picks its path. The input gradient is the separate gather-GEMM's (reversed taps)
   bit for bit; so is the kernel gradient, except on the one-pass path, which sums its pairs in
-  input-row order instead of output-row order (equal up to rounding)."""
+  input-row order instead of output-row order (equal up to rounding). CUDA has no one-pass path."""
   rng = np.random.default_rng(3)
   sites = random_sites(rng, 2, (9, 8, 7), 300)
   indices = jnp.asarray(np.concatenate([sites, np.full((7, 4), -1, np.int32)]))
@@ -356,15 +356,17 @@ def test_backward_symmetric_equals_the_separate_kernels(dtype, c_in, c_out, grou
   dy = jnp.asarray(rng.standard_normal((indices.shape[0], c_out)), dtype)
   kernel = jnp.asarray(rng.standard_normal((27, c_in // groups, c_out)), dtype)
   kernel_t = ops._conv._transpose_kernel(kernel, groups)
+  x, dy, kernel_t, nbr = jax.device_put((x, dy, kernel_t, pairs.nbr), ffi_device)
+  one_pass = one_pass and ffi_device.platform == "cpu"
   with jsparse.backend("ffi"):
     one = jax.jit(ops._conv._backward_symmetric, static_argnums=(4, 5, 6))(
-      x, dy, kernel_t, pairs.nbr, groups, None, kernel.shape
+      x, dy, kernel_t, nbr, groups, None, kernel.shape
     )
     d_features = jax.jit(ops._conv._gather_gemm, static_argnums=(3, 4, 5))(
-      dy, kernel_t, pairs.nbr, groups, None, True
+      dy, kernel_t, nbr, groups, None, True
     )
     weight_grad = jax.jit(ops._conv._weight_grad, static_argnums=(3, 4, 5))
-    d_kernel = weight_grad(x, dy, pairs.nbr, groups, None, kernel.shape)
+    d_kernel = weight_grad(x, dy, nbr, groups, None, kernel.shape)
   np.testing.assert_array_equal(np.asarray(one[0], np.float32), np.asarray(d_features, np.float32))
   if one_pass:
     np.testing.assert_allclose(one[1], d_kernel, rtol=1e-5, atol=1e-4)

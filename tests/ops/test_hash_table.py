@@ -12,17 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jsparse
-from jsparse import _ffi
 from jsparse.ops import HashTable, _backend
 from jsparse.ops import _hash_table as ht
+from sparse_data import both_backends
 
 INT32_MAX = int(np.iinfo(np.int32).max)
-TARGETS = ("jsparse_hash_table_insert", "jsparse_hash_table_query", "jsparse_hash_table_insert_exist_keys")
-
-needs_ffi = pytest.mark.skipif(
-  not all("cpu" in _ffi.platforms_with(t) for t in TARGETS),
-  reason="the CPU FFI extension is not built (make test builds it)",
-)
 
 
 def _leaves_equal(a, b):
@@ -107,8 +101,8 @@ def test_matches_a_dict(capacity, ops):
   assert values.tolist() == [model.items.get(k, 0) for k in probe.tolist()]
 
 
-def _exercise(key_dtype, value_dtype, capacity=64, n=200, seed=0):
-  """Every operation on colliding keys (duplicates, the reserved key, overflow) and its results."""
+def _exercise_inputs(key_dtype, value_dtype, n=200, seed=0):
+  """Colliding keys (duplicates, the reserved key and iinfo.min) and values for _exercise."""
   rng = np.random.default_rng(seed)
   info = np.iinfo(key_dtype)
   keys = rng.integers(-100, 100, n).astype(key_dtype)
@@ -117,25 +111,36 @@ def _exercise(key_dtype, value_dtype, capacity=64, n=200, seed=0):
   keys[::17] = info.max  # the reserved key
   keys[::23] = info.min
   values = (rng.normal(size=n) * 100).astype(value_dtype)
-  table = HashTable.create(capacity, key_dtype, value_dtype)
+  return keys, values
+
+
+def _exercise(keys, values, capacity=64):
+  """Every operation on `keys` [n] and `values` [n] (overflowing a table of `capacity` slots) and
+  its results."""
+  n = keys.shape[0]
+  table = HashTable.create(capacity, keys.dtype, values.dtype)
   full = table.insert(keys, values)
   half = table.insert(keys[: n // 4], values[: n // 4]).insert(keys[n // 4 : n // 2])
   updated, found = half.insert_exist_keys(keys[::-1], values * 2)
-  numbered, count = full.assign_arange() if np.issubdtype(value_dtype, np.integer) else (full, 0)
+  numbered, count = full.assign_arange() if jnp.issubdtype(values.dtype, jnp.integer) else (full, 0)
   return full, half, updated, found, half.query(keys), numbered, count, full.items(), full.items(7)
 
 
-@needs_ffi
+def _on(device, tree):
+  """Asserts that every array of `tree` lives on `device` (the kernels ran there)."""
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array):
+      assert leaf.devices() == {device}
+
+
 @pytest.mark.parametrize(
   "key_dtype,value_dtype", [(np.int32, np.int32), (np.int32, np.float32)], ids=["i32-i32", "i32-f32"]
 )
-def test_ffi_and_reference_build_identical_tables(key_dtype, value_dtype):
-  results = {}
-  for backend in ("ffi", "reference"):
-    with jsparse.backend(backend):
-      results[backend] = jax.jit(_exercise, static_argnums=(0, 1))(key_dtype, value_dtype)
-  _leaves_equal(results["ffi"], results["reference"])
-  full = results["ffi"][0]
+def test_ffi_and_reference_build_identical_tables(ffi_device, key_dtype, value_dtype):
+  ffi, reference = both_backends(_exercise, *_exercise_inputs(key_dtype, value_dtype), device=ffi_device)
+  _on(ffi_device, ffi)
+  _leaves_equal(ffi, reference)
+  full = ffi[0]
   assert int(full.dropped) > 0 and int(full.items()[2]) == 64  # the cases include a full table
 
 
@@ -152,35 +157,43 @@ def test_int64_keys_and_values_under_x64(backend):
     assert int(reserved.dropped) == 1
 
 
-@needs_ffi
-def test_int64_ffi_and_reference_identical_under_x64():
+def test_int64_ffi_and_reference_identical_under_x64(ffi_device):
   with jax.enable_x64(True):
-    results = {}
-    for backend in ("ffi", "reference"):
-      with jsparse.backend(backend):
-        results[backend] = jax.jit(_exercise, static_argnums=(0, 1))(np.int64, np.int64)
-    _leaves_equal(results["ffi"], results["reference"])
+    ffi, reference = both_backends(_exercise, *_exercise_inputs(np.int64, np.int64), device=ffi_device)
+    _on(ffi_device, ffi)
+    _leaves_equal(ffi, reference)
+    assert ffi[0].keys.dtype == np.int64 and int(ffi[0].dropped) > 0
 
 
-@needs_ffi
-def test_large_batched_query_matches_reference():
+def test_large_batched_query_matches_reference(ffi_device):
   """Large enough for the CPU kernel to split the query over threads, with tiles that straddle
-  the tables of a vmapped batch."""
+  the tables of a vmapped batch (and for several CUDA blocks)."""
   rng = np.random.default_rng(2)
-  stored = jnp.asarray(rng.integers(0, 4000, (3, 500)), jnp.int32)
-  probes = jnp.asarray(rng.integers(0, 4000, (3, 20000)), jnp.int32)
+  stored = rng.integers(0, 4000, (3, 500)).astype(np.int32)
+  probes = rng.integers(0, 4000, (3, 20000)).astype(np.int32)
 
   def build_and_query(k, q):
     return HashTable.create(1024).insert(k, k * 7).query(q)
 
-  results = {}
-  for backend in ("ffi", "reference"):
-    with jsparse.backend(backend):
-      results[backend] = jax.jit(jax.vmap(build_and_query))(stored, probes)
-  _leaves_equal(results["ffi"], results["reference"])
-  values, found = results["ffi"]
+  ffi, reference = both_backends(jax.vmap(build_and_query), stored, probes, device=ffi_device)
+  _on(ffi_device, ffi)
+  _leaves_equal(ffi, reference)
+  values, found = ffi
   assert 0 < int(found.sum()) < found.size
   np.testing.assert_array_equal(values, np.where(found, probes * 7, 0))
+
+
+def test_batched_inserts_match_reference(ffi_device):
+  """A vmapped batch of tables, each filled with its own colliding keys by every operation: the
+  tables must not share a slot, a dropped count or a last-writer."""
+  keys, values = _exercise_inputs(np.int32, np.int32)
+  keys = np.stack([keys, keys[::-1], np.roll(keys, 7)])
+  values = np.stack([values, -values, values + 1])
+  ffi, reference = both_backends(jax.vmap(_exercise), keys, values, device=ffi_device)
+  _on(ffi_device, ffi)
+  _leaves_equal(ffi, reference)
+  layouts = np.asarray(ffi[0].keys)
+  assert not np.array_equal(layouts[0], layouts[1]) and not np.array_equal(layouts[0], layouts[2])
 
 
 def test_overflow_is_counted_and_check_raises(backend):
@@ -302,13 +315,14 @@ def test_methods_reject_bad_arguments():
     jax.jit(lambda t: t.check())(table)
 
 
-@needs_ffi
-def test_ffi_handlers_reject_bad_operands():
-  tk = jnp.full((8,), INT32_MAX, jnp.int32)
-  tv = jnp.zeros((8,), jnp.float32)
-  dropped = jnp.zeros((), jnp.int32)
-  keys = jnp.array([1, 2], jnp.int32)
-  HashTable.create(2).query(keys)  # registers the targets
+def test_ffi_handlers_reject_bad_operands(ffi_device):
+  tk, tv, dropped, keys = jax.device_put(
+    (jnp.full((8,), INT32_MAX, jnp.int32), jnp.zeros((8,), jnp.float32), jnp.zeros((), jnp.int32),
+     jnp.array([1, 2], jnp.int32)),
+    ffi_device,
+  )  # fmt: skip
+  with jsparse.backend("ffi"):
+    HashTable.create(2).query(keys)  # registers the targets
 
   def raises(match, fn, *args):
     with pytest.raises(Exception, match=match):

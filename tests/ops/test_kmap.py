@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import jsparse
 from jsparse import _ffi, ops
-from sparse_data import both_backends, needs_ffi, random_sites
+from sparse_data import both_backends, needs_ffi, platform_device, random_sites
 
 MAX_EXTENT = {1: 16, 2: 8, 3: 6, 4: 4}
 
@@ -37,9 +37,10 @@ def map_cases(draw):
   return spec, batch, density, draw(st.integers(0, 4)), draw(st.integers(0, 2**16)), *flags
 
 
-@needs_ffi
+@pytest.mark.parametrize("platform", _ffi.PLATFORMS)
 @given(map_cases())
-def test_maps_are_identical(case):
+def test_maps_are_identical(platform, case):
+  device = platform_device(platform)
   spec, batch, density, padding_rows, seed, tight, in_order = case
   rng = np.random.default_rng(seed)
   count = max(1, int(density * batch * math.prod(spec.in_spatial_shape)))
@@ -55,16 +56,16 @@ def test_maps_are_identical(case):
     capacity = ops.default_capacity(spec, indices.shape[0])
     if tight:  # fewer rows than sites: both backends keep the first ones and count the rest
       capacity = max(1, capacity // 3)
-  ffi, reference = both_backends(lambda i: ops.build_map(i, spec, batch, capacity), indices)
+  ffi, reference = both_backends(lambda i: ops.build_map(i, spec, batch, capacity), indices, device=device)
   assert jax.tree.structure(ffi) == jax.tree.structure(reference)
   for a, b in zip(jax.tree.leaves(ffi), jax.tree.leaves(reference)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@needs_ffi
-def test_bad_rows_are_inactive_and_never_read():
+def test_bad_rows_are_inactive_and_never_read(ffi_device):
   """Out-of-grid or out-of-batch rows (possible under jit) neither crash nor produce pairs."""
   idx = jnp.array([[0, 1, 1], [5, 0, 0], [0, 9, 2], [0, -3, 1], [-7, 1, 1], [0, 1, 2]], jnp.int32)
+  idx = jax.device_put(idx, ffi_device)
   for kind in ("subm", "conv"):
     spec = ops.make_spec(kind, (4, 4), 3, 1, 1)
     with jsparse.backend("ffi"):
@@ -74,15 +75,14 @@ def test_bad_rows_are_inactive_and_never_read():
     assert not np.isin(nbr, [1, 2, 3, 4]).any()  # bad rows are never anyone's source
 
 
-@needs_ffi
-def test_repeated_sites_under_jit_map_to_their_first_row():
+def test_repeated_sites_under_jit_map_to_their_first_row(ffi_device):
   """Under jit (sites unchecked) a repeated site resolves to its first row on both backends, and
   the FFI map is the same on every run (its symmetric path then falls back to atomic minima)."""
   idx = jnp.array([[0, 1, 1], [0, 1, 2], [0, 2, 1], [0, 1, 1], [0, 1, 2]], jnp.int32)  # rows 3, 4 repeat
   for kind in ("subm", "conv"):
     spec = ops.make_spec(kind, (4, 4), 3, 1, 1)
-    ffi, reference = both_backends(lambda i, s=spec: ops.build_map(i, s, 1, 8), idx)
-    again, _ = both_backends(lambda i, s=spec: ops.build_map(i, s, 1, 8), idx)
+    ffi, reference = both_backends(lambda i, s=spec: ops.build_map(i, s, 1, 8), idx, device=ffi_device)
+    again, _ = both_backends(lambda i, s=spec: ops.build_map(i, s, 1, 8), idx, device=ffi_device)
     np.testing.assert_array_equal(ffi.nbr, again.nbr)
     first = np.asarray(ffi.out_indices[:, 0] >= 0)
     if kind == "subm":  # rows 0-2 are first copies: their maps agree

@@ -1,6 +1,7 @@
-"""sparse_max_pool and sparse_avg_pool: the FFI kernels equal the reference path bitwise, values and
-gradients, ties included; the handlers' errors. (tests/nn/test_pool.py checks the pool layers
-against lax.reduce_window.)"""
+"""sparse_max_pool and sparse_avg_pool: on every platform with FFI kernels (CPU, CUDA), the kernels
+equal the reference path bitwise, values and gradients, ties included, and two runs give the same
+bits; the handlers' errors. (tests/nn/test_pool.py checks the pool layers against
+lax.reduce_window.)"""
 
 from __future__ import annotations
 
@@ -9,47 +10,82 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jsparse
 from jsparse import _ffi, ops
-from sparse_data import both_backends, needs_ffi, random_sites
+from sparse_data import both_backends, random_sites
 
 
-@needs_ffi
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("pool", ["max", "avg"])
-def test_pools_and_gradients_are_identical(dtype, pool):
-  rng = np.random.default_rng(11)
+def _pool_problem(dtype, pool: str, sites: int = 120, channels: int = 6, seed: int = 11):
+  """``(run, args)``: ``run(features, pairs, cotangent)`` gives a pool's output and its input
+  gradient. Coarse feature values make ties common, so the first-tap rule of max pooling is
+  exercised; padding rows (inputs with no taps, outputs with no inputs) are included."""
+  rng = np.random.default_rng(seed)
   shape, batch = (7, 6, 5), 2
-  indices = np.concatenate([random_sites(rng, batch, shape, 120), np.full((5, 4), -1, np.int32)])
+  indices = np.concatenate([random_sites(rng, batch, shape, sites), np.full((5, 4), -1, np.int32)])
   spec = ops.make_spec("pool", shape, (3, 2, 3), 2, 1)
-  # Coarse values make ties common, so the tie rule is exercised as well.
-  features = jnp.asarray(rng.integers(-3, 4, (indices.shape[0], 6)), dtype)
+  features = jnp.asarray(rng.integers(-3, 4, (indices.shape[0], channels)), dtype)
   pairs = ops.build_map(jnp.asarray(indices), spec, batch, indices.shape[0])
-  cotangent = jnp.asarray(rng.standard_normal((pairs.out_capacity, 6)), dtype)
+  cotangent = jnp.asarray(rng.standard_normal((pairs.out_capacity, channels)), dtype)
   op = ops.sparse_max_pool if pool == "max" else ops.sparse_avg_pool
 
-  def run(f):
+  def run(f, pairs, cotangent):
     out, vjp = jax.vjp(lambda f: op(f, pairs), f)
     return out, *vjp(cotangent)
 
-  for a, b in zip(*both_backends(run, features)):
+  return run, (features, pairs, cotangent)
+
+
+def _assert_pool_targets_on(device: jax.Device) -> None:
+  # backend("ffi") calls the FFI targets on any platform, so a missing handler fails the test
+  # rather than falling back to the reference path; this names the cause.
+  for target in ("jsparse_pool_max", "jsparse_pool_max_grad", "jsparse_pool_avg", "jsparse_pool_avg_grad"):
+    assert device.platform in _ffi.platforms_with(target), f"{target} is not built for {device.platform}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_pools_and_gradients_are_identical(ffi_device, dtype, pool):
+  _assert_pool_targets_on(ffi_device)
+  run, args = _pool_problem(dtype, pool)
+  ffi_results, reference_results = both_backends(run, *args, device=ffi_device)
+  for a, b in zip(ffi_results, reference_results):
     assert a.dtype == b.dtype == dtype
+    assert a.devices() == b.devices() == {ffi_device}
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-@needs_ffi
-def test_handlers_reject_bad_arguments():
-  _ffi.targets("cpu")
-  features = jnp.ones((4, 3), jnp.float32)
-  nbr = jnp.zeros((4, 9), jnp.int32)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_pools_and_gradients_are_deterministic(ffi_device, dtype, pool):
+  # Two runs of the FFI kernels, on enough rows and channels to fill many thread blocks on a GPU,
+  # give the same bits: no atomics, no order that depends on scheduling.
+  _assert_pool_targets_on(ffi_device)
+  run, args = _pool_problem(dtype, pool, sites=400, channels=40, seed=5)
+  args = jax.device_put(args, ffi_device)
+  with jsparse.backend("ffi"):
+    first = jax.block_until_ready(jax.jit(run)(*args))
+    second = jax.block_until_ready(jax.jit(lambda *a: run(*a))(*args))  # a second compilation too
+  for a, b in zip(first, second):
+    assert a.devices() == {ffi_device}
+    assert np.any(np.asarray(a, np.float32) != 0)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_handlers_reject_bad_arguments(ffi_device):
+  # The messages come from xla_ffi/common/pool_args.h, so they are the same on every device.
+  _ffi.targets(ffi_device.platform)
+  features = jax.device_put(jnp.ones((4, 3), jnp.float32), ffi_device)
+  nbr = jax.device_put(jnp.zeros((4, 9), jnp.int32), ffi_device)
   pool_max = jax.ffi.ffi_call(
     "jsparse_pool_max",
     (jax.ShapeDtypeStruct((4, 3), jnp.float32), jax.ShapeDtypeStruct((4, 3), jnp.int32)),
     vmap_method="sequential",
   )
-  with pytest.raises(Exception, match=r"nbr must be an int32 kernel map"):
-    pool_max(features, nbr.astype(jnp.float32))
+  with pytest.raises(Exception, match=r"jsparse_pool_max: nbr must be an int32 kernel map"):
+    jax.block_until_ready(pool_max(features, nbr.astype(jnp.float32)))
   avg_grad = jax.ffi.ffi_call(
     "jsparse_pool_avg_grad", jax.ShapeDtypeStruct((4, 3), jnp.float32), vmap_method="sequential"
   )
-  with pytest.raises(Exception, match=r"must be float32"):
-    avg_grad(features.astype(jnp.bfloat16), nbr)
+  message = r"jsparse_pool_avg_grad: scaled d_out \(d_out / counts\) must be float32"
+  with pytest.raises(Exception, match=message):
+    jax.block_until_ready(avg_grad(features.astype(jnp.bfloat16), nbr))

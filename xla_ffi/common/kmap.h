@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <numeric>
 #include <string>
 #include <type_traits>
 
@@ -160,6 +161,25 @@ JSPARSE_HD inline void UnpackSite(uint64_t key, const int64_t* shape, int ndim, 
     key /= static_cast<uint64_t>(shape[j]);
   }
   row[0] = static_cast<int32_t>(key);
+}
+
+// Most taps of one input that can reach an output: along an axis, tap t reaches one iff
+// t * d = const (mod s), which holds for at most ceil(k / (s / gcd(d, s))) taps.
+inline int64_t MaxTargetsPerInput(const MapGeometry& g) {
+  if (g.transpose) return g.taps;
+  int64_t most = 1;
+  for (int j = 0; j < g.ndim; ++j) {
+    const int64_t period = g.stride[j] / std::gcd(g.dilation[j], g.stride[j]);
+    most *= (g.kernel[j] + period - 1) / period;
+  }
+  return most;
+}
+
+// Number of output sites of the grid (batch_size x prod(out_shape)): packed keys lie below it.
+inline double OutputKeyRange(const MapGeometry& g) {
+  double range = static_cast<double>(g.batch_size);
+  for (int j = 0; j < g.ndim; ++j) range *= static_cast<double>(g.out_shape[j]);
+  return range;
 }
 
 // Checks the attributes of a map handler and fills `g`; returns an error message or "".

@@ -2,17 +2,13 @@
 // dispatch.
 #pragma once
 
+#include "../common/args.h"
 #include "float_convert.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jsparse {
 
 namespace ffi = xla::ffi;
-
-// Feature dtypes the kernels read and write; they accumulate in float32.
-inline bool IsFeatureType(ffi::DataType t) {
-  return t == ffi::F32 || t == ffi::BF16 || t == ffi::F16;
-}
 
 // fn(static_cast<T*>(nullptr)) with T the storage type of a (validated) feature dtype.
 template <typename Fn>

@@ -31,6 +31,7 @@
 
 #include "../common/hash.h"
 #include "../common/kmap.h"
+#include "../common/kmap_args.h"
 #include "../common/registry.h"
 #include "errors.h"
 #include "parallel.h"
@@ -163,33 +164,6 @@ class StagedTable {
   std::atomic<int64_t> done_{0};
 };
 
-// Geometry attributes common to both handlers.
-struct GeometryAttrs {
-  ffi::Span<const int64_t> kernel_size, stride, padding, dilation, in_shape, out_shape;
-  int64_t transpose, batch_size;
-};
-
-std::string Geometry(const std::string& op, const GeometryAttrs& a, MapGeometry* g) {
-  const size_t ndim = a.kernel_size.size();
-  for (const auto* span : {&a.stride, &a.padding, &a.dilation, &a.in_shape, &a.out_shape}) {
-    if (span->size() != ndim) return op + "every geometry attribute needs one entry per spatial dim";
-  }
-  return MakeMapGeometry(op, a.kernel_size.begin(), a.stride.begin(), a.padding.begin(),
-                         a.dilation.begin(), a.in_shape.begin(), a.out_shape.begin(), ndim,
-                         a.transpose != 0, a.batch_size, g);
-}
-
-std::string CheckIndices(const std::string& op, const char* name, const ffi::AnyBuffer& indices,
-                         int ndim) {
-  const auto dims = indices.dimensions();
-  if (indices.element_type() != ffi::S32 || dims.size() != 2 || dims[1] != 1 + ndim) {
-    return op + name + " must be int32 [N, 1 + ndim] = [N, " + std::to_string(1 + ndim) +
-           "] (batch index, then coordinates)";
-  }
-  if (dims[0] >= (int64_t{1} << 31)) return op + name + " has more rows than int32 row numbers reach";
-  return {};
-}
-
 // ---- jsparse_kmap_output_sites ----
 
 // n / d for n < 2**52: a float reciprocal gives the quotient to within one, then one correction;
@@ -253,35 +227,10 @@ void RadixSort(std::vector<uint64_t>& keys, double key_range) {
   }
 }
 
-// Most taps of one input that can reach an output: along an axis, tap t reaches one iff
-// t * d = const (mod s), which holds for at most ceil(k / (s / gcd(d, s))) taps.
-int64_t MaxTargetsPerInput(const MapGeometry& g) {
-  if (g.transpose) return g.taps;
-  int64_t most = 1;
-  for (int j = 0; j < g.ndim; ++j) {
-    const int64_t period = g.stride[j] / std::__gcd(g.dilation[j], g.stride[j]);
-    most *= (g.kernel[j] + period - 1) / period;
-  }
-  return most;
-}
-
-// Number of output sites of the grid (batch_size x prod(out_shape)): packed keys lie below it.
-double OutputKeyRange(const MapGeometry& g) {
-  double range = static_cast<double>(g.batch_size);
-  for (int j = 0; j < g.ndim; ++j) range *= static_cast<double>(g.out_shape[j]);
-  return range;
-}
-
 ffi::Future OutputSitesImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryAttrs attrs,
                             ffi::Result<ffi::AnyBuffer> out_indices, ffi::Result<ffi::AnyBuffer> num_out) {
-  const std::string op = "jsparse_kmap_output_sites: ";
   MapGeometry g;
-  std::string message = Geometry(op, attrs, &g);
-  if (message.empty()) message = CheckIndices(op, "indices", indices, g.ndim);
-  if (message.empty()) message = CheckIndices(op, "out_indices", *out_indices, g.ndim);
-  if (message.empty() && (num_out->element_type() != ffi::S32 || num_out->dimensions().size() != 0)) {
-    message = op + "num_out must be an int32 scalar";
-  }
+  const std::string message = ValidateOutputSites(indices, attrs, *out_indices, *num_out, &g);
   if (!message.empty()) return InvalidArgumentFuture(message);
   const int64_t n = indices.dimensions()[0];
   const int64_t capacity = out_indices->dimensions()[0];
@@ -496,29 +445,12 @@ ffi::Future ScatterNeighbors(ffi::ThreadPool& pool, const MapGeometry& g, const 
 ffi::Future NeighborsImpl(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi::AnyBuffer out_indices,
                           GeometryAttrs attrs, bool symmetric, ffi::Result<ffi::AnyBuffer> nbr,
                           ffi::Result<ffi::AnyBuffer> nbr_t) {
-  const std::string op = "jsparse_kmap_neighbors: ";
   MapGeometry g;
-  std::string message = Geometry(op, attrs, &g);
-  if (message.empty()) message = CheckIndices(op, "in_indices", in_indices, g.ndim);
-  if (message.empty()) message = CheckIndices(op, "out_indices", out_indices, g.ndim);
+  const std::string message = ValidateNeighbors(in_indices, out_indices, attrs, symmetric, *nbr, *nbr_t, &g);
+  if (!message.empty()) return InvalidArgumentFuture(message);
   const int64_t n_in = in_indices.dimensions()[0];
   const int64_t n_out = out_indices.dimensions()[0];
-  const auto nd = nbr->dimensions();
-  const auto td = nbr_t->dimensions();
-  if (message.empty() && (nbr->element_type() != ffi::S32 || nd.size() != 2 || nd[0] != n_out ||
-                          nd[1] != g.taps)) {
-    message = op + "nbr must be int32 [N_out, K] = [" + std::to_string(n_out) + ", " + std::to_string(g.taps) + "]";
-  }
-  if (message.empty() && (nbr_t->element_type() != ffi::S32 || td.size() != 2 ||
-                          (td[0] != n_in && td[0] != 0) || td[1] != g.taps)) {
-    message = op + "nbr_t must be int32 [N_in, K], or [0, K] to skip the transpose";
-  }
-  if (!message.empty()) return InvalidArgumentFuture(message);
-  if (message.empty() && symmetric && (n_in != n_out || g.transpose || g.taps % 2 == 0)) {
-    message = op + "symmetric maps need odd submanifold kernels with out_indices = in_indices";
-  }
-  if (!message.empty()) return InvalidArgumentFuture(message);
-  const bool with_transpose = td[0] == n_in && n_in > 0;
+  const bool with_transpose = nbr_t->dimensions()[0] == n_in && n_in > 0;
   int32_t* forward = nbr->typed_data<int32_t>();
   int32_t* backward = nbr_t->typed_data<int32_t>();
   if (symmetric) {
@@ -598,28 +530,11 @@ struct MapBuild {
 ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryAttrs attrs,
                          ffi::Result<ffi::AnyBuffer> out_indices, ffi::Result<ffi::AnyBuffer> num_out,
                          ffi::Result<ffi::AnyBuffer> nbr, ffi::Result<ffi::AnyBuffer> nbr_t) {
-  const std::string op = "jsparse_kmap_build: ";
   MapGeometry g;
-  std::string message = Geometry(op, attrs, &g);
-  if (message.empty()) message = CheckIndices(op, "indices", indices, g.ndim);
-  if (message.empty()) message = CheckIndices(op, "out_indices", *out_indices, g.ndim);
+  const std::string message = ValidateBuildMap(indices, attrs, *out_indices, *num_out, *nbr, *nbr_t, &g);
+  if (!message.empty()) return InvalidArgumentFuture(message);
   const int64_t n = indices.dimensions()[0];
   const int64_t capacity = out_indices->dimensions()[0];
-  if (message.empty() && (num_out->element_type() != ffi::S32 || num_out->dimensions().size() != 0)) {
-    message = op + "num_out must be an int32 scalar";
-  }
-  for (auto [buffer, rows, name] : {std::tuple{&nbr, capacity, "nbr [capacity, K]"},
-                                    std::tuple{&nbr_t, n, "nbr_t [N_in, K]"}}) {
-    const auto dims = (*buffer)->dimensions();
-    if (message.empty() && ((*buffer)->element_type() != ffi::S32 || dims.size() != 2 || dims[0] != rows ||
-                            dims[1] != g.taps)) {
-      message = op + name + " must be int32 with K = " + std::to_string(g.taps) + " taps";
-    }
-  }
-  if (message.empty() && static_cast<double>(n) * g.taps >= 4294967296.0) {
-    message = op + "N_in x K must stay below 2**32 (the candidates' (row, tap) payload)";
-  }
-  if (!message.empty()) return InvalidArgumentFuture(message);
   const int32_t* in = indices.typed_data<int32_t>();
   int32_t* out = out_indices->typed_data<int32_t>();
   int32_t* count = num_out->typed_data<int32_t>();
@@ -729,17 +644,6 @@ ffi::Future BuildMapImpl(ffi::ThreadPool pool, ffi::AnyBuffer indices, GeometryA
 
 }  // namespace
 }  // namespace jsparse
-
-// The geometry attributes, in the order GeometryAttrs lists them.
-#define JSPARSE_MAP_GEOMETRY_ATTRS                                \
-  .Attr<ffi::Span<const int64_t>>("kernel_size")                  \
-      .Attr<ffi::Span<const int64_t>>("stride")                   \
-      .Attr<ffi::Span<const int64_t>>("padding")                  \
-      .Attr<ffi::Span<const int64_t>>("dilation")                 \
-      .Attr<ffi::Span<const int64_t>>("in_spatial_shape")         \
-      .Attr<ffi::Span<const int64_t>>("out_spatial_shape")        \
-      .Attr<int64_t>("transpose")                                 \
-      .Attr<int64_t>("batch_size")
 
 namespace jsparse {
 namespace {

@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/pool_args.h"
 #include "../common/registry.h"
 #include "features.h"
 #include "float_convert.h"
@@ -32,37 +33,6 @@ namespace {
 constexpr int64_t kTileRows = 256;
 
 int64_t NumTiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
-
-// Checks that `x` is a feature buffer [rows, C] and `map` an int32 [map_rows, K] kernel map.
-std::string CheckRowsAndMap(const std::string& op, const char* x_name, const ffi::AnyBuffer& x,
-                            const char* map_name, const ffi::AnyBuffer& map) {
-  if (!IsFeatureType(x.element_type())) return op + x_name + " must be float32, bfloat16 or float16";
-  if (x.dimensions().size() != 2) return op + x_name + " must be [N, C], got shape " + Shape(x.dimensions());
-  if (map.element_type() != ffi::S32 || map.dimensions().size() != 2) {
-    return op + map_name + " must be an int32 kernel map [N, K], got shape " + Shape(map.dimensions());
-  }
-  return {};
-}
-
-// Checks that `buffer` has `type` and dimensions [rows, cols].
-std::string CheckMatrix(const std::string& op, const char* name, const ffi::AnyBuffer& buffer,
-                        ffi::DataType type, int64_t rows, int64_t cols) {
-  const auto dims = buffer.dimensions();
-  if (buffer.element_type() != type || dims.size() != 2 || dims[0] != rows || dims[1] != cols) {
-    return op + name + " must be [" + std::to_string(rows) + ", " + std::to_string(cols) +
-           "] with the expected dtype, got shape " + Shape(dims);
-  }
-  return {};
-}
-
-// Checks counts int32 [rows].
-std::string CheckCounts(const std::string& op, const ffi::AnyBuffer& counts, int64_t rows) {
-  const auto dims = counts.dimensions();
-  if (counts.element_type() != ffi::S32 || dims.size() != 1 || dims[0] != rows) {
-    return op + "counts must be int32 [" + std::to_string(rows) + "] (active taps per output row)";
-  }
-  return {};
-}
 
 // ---- jsparse_pool_max ----
 
@@ -98,18 +68,14 @@ ffi::Future PoolMax(ffi::ThreadPool& pool, const T* x, int64_t n_in, int64_t cha
 
 ffi::Future PoolMaxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer nbr,
                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> arg) {
-  const std::string op = "jsparse_pool_max: ";
-  std::string message = CheckRowsAndMap(op, "features", x, "nbr", nbr);
-  const int64_t n_out = nbr.dimensions()[0];
-  const int64_t channels = x.dimensions().size() == 2 ? x.dimensions()[1] : 0;
-  if (message.empty()) message = CheckMatrix(op, "out", *out, x.element_type(), n_out, channels);
-  if (message.empty()) message = CheckMatrix(op, "arg", *arg, ffi::S32, n_out, channels);
+  PoolDims d{};
+  const std::string message = ValidatePoolMax(x, nbr, *out, *arg, &d);
   if (!message.empty()) return InvalidArgumentFuture(message);
   return DispatchFeatureType(x.element_type(), [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    return PoolMax(pool, static_cast<const T*>(x.untyped_data()), x.dimensions()[0], channels,
-                   nbr.typed_data<int32_t>(), n_out, nbr.dimensions()[1],
-                   static_cast<T*>(out->untyped_data()), arg->typed_data<int32_t>());
+    return PoolMax(pool, static_cast<const T*>(x.untyped_data()), d.n_src, d.channels,
+                   nbr.typed_data<int32_t>(), d.n_dst, d.taps, static_cast<T*>(out->untyped_data()),
+                   arg->typed_data<int32_t>());
   });
 }
 
@@ -141,18 +107,13 @@ ffi::Future PoolMaxGrad(ffi::ThreadPool& pool, const T* dy, const int32_t* arg, 
 
 ffi::Future PoolMaxGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer arg,
                             ffi::AnyBuffer nbr_t, ffi::Result<ffi::AnyBuffer> dx) {
-  const std::string op = "jsparse_pool_max_grad: ";
-  std::string message = CheckRowsAndMap(op, "d_out", dy, "nbr_t", nbr_t);
-  const int64_t n_out = dy.dimensions().size() == 2 ? dy.dimensions()[0] : 0;
-  const int64_t channels = dy.dimensions().size() == 2 ? dy.dimensions()[1] : 0;
-  const int64_t n_in = nbr_t.dimensions()[0];
-  if (message.empty()) message = CheckMatrix(op, "arg", arg, ffi::S32, n_out, channels);
-  if (message.empty()) message = CheckMatrix(op, "d_features", *dx, dy.element_type(), n_in, channels);
+  PoolDims d{};
+  const std::string message = ValidatePoolMaxGrad(dy, arg, nbr_t, *dx, &d);
   if (!message.empty()) return InvalidArgumentFuture(message);
   return DispatchFeatureType(dy.element_type(), [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    return PoolMaxGrad(pool, static_cast<const T*>(dy.untyped_data()), arg.typed_data<int32_t>(),
-                       n_out, channels, nbr_t.typed_data<int32_t>(), n_in, nbr_t.dimensions()[1],
+    return PoolMaxGrad(pool, static_cast<const T*>(dy.untyped_data()), arg.typed_data<int32_t>(), d.n_src,
+                       d.channels, nbr_t.typed_data<int32_t>(), d.n_dst, d.taps,
                        static_cast<T*>(dx->untyped_data()));
   });
 }
@@ -191,41 +152,26 @@ ffi::Future GatherSum(ffi::ThreadPool& pool, const TIn* x, int64_t n_src, int64_
 
 ffi::Future PoolAvgImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer nbr,
                         ffi::AnyBuffer counts, ffi::Result<ffi::AnyBuffer> out) {
-  const std::string op = "jsparse_pool_avg: ";
-  std::string message = CheckRowsAndMap(op, "features", x, "nbr", nbr);
-  const int64_t n_out = nbr.dimensions()[0];
-  const int64_t channels = x.dimensions().size() == 2 ? x.dimensions()[1] : 0;
-  if (message.empty()) message = CheckCounts(op, counts, n_out);
-  if (message.empty()) message = CheckMatrix(op, "out", *out, x.element_type(), n_out, channels);
+  PoolDims d{};
+  const std::string message = ValidatePoolAvg(x, nbr, counts, *out, &d);
   if (!message.empty()) return InvalidArgumentFuture(message);
   return DispatchFeatureType(x.element_type(), [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    return GatherSum(pool, static_cast<const T*>(x.untyped_data()), x.dimensions()[0], channels,
-                     nbr.typed_data<int32_t>(), n_out, nbr.dimensions()[1],
-                     counts.typed_data<int32_t>(), static_cast<T*>(out->untyped_data()));
+    return GatherSum(pool, static_cast<const T*>(x.untyped_data()), d.n_src, d.channels,
+                     nbr.typed_data<int32_t>(), d.n_dst, d.taps, counts.typed_data<int32_t>(),
+                     static_cast<T*>(out->untyped_data()));
   });
 }
 
 ffi::Future PoolAvgGradImpl(ffi::ThreadPool pool, ffi::AnyBuffer scaled_dy, ffi::AnyBuffer nbr_t,
                             ffi::Result<ffi::AnyBuffer> dx) {
-  const std::string op = "jsparse_pool_avg_grad: ";
-  std::string message = CheckRowsAndMap(op, "scaled d_out", scaled_dy, "nbr_t", nbr_t);
-  const auto dims = scaled_dy.dimensions();
-  const int64_t channels = dims.size() == 2 ? dims[1] : 0;
-  const int64_t n_in = nbr_t.dimensions()[0];
-  if (message.empty() && scaled_dy.element_type() != ffi::F32) {
-    message = op + "scaled d_out (d_out / counts) must be float32";
-  }
-  if (message.empty() && !IsFeatureType(dx->element_type())) {
-    message = op + "d_features must be float32, bfloat16 or float16";
-  }
-  if (message.empty()) message = CheckMatrix(op, "d_features", *dx, dx->element_type(), n_in, channels);
+  PoolDims d{};
+  const std::string message = ValidatePoolAvgGrad(scaled_dy, nbr_t, *dx, &d);
   if (!message.empty()) return InvalidArgumentFuture(message);
   return DispatchFeatureType(dx->element_type(), [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    return GatherSum(pool, scaled_dy.typed_data<float>(), dims[0], channels, nbr_t.typed_data<int32_t>(),
-                     n_in, nbr_t.dimensions()[1], static_cast<const int32_t*>(nullptr),
-                     static_cast<T*>(dx->untyped_data()));
+    return GatherSum(pool, scaled_dy.typed_data<float>(), d.n_src, d.channels, nbr_t.typed_data<int32_t>(),
+                     d.n_dst, d.taps, static_cast<const int32_t*>(nullptr), static_cast<T*>(dx->untyped_data()));
   });
 }
 

@@ -26,6 +26,8 @@
 
 #include "../common/hash.h"
 #include "../common/registry.h"
+#include "../common/voxelize.h"
+#include "../common/voxelize_args.h"
 #include "cpu_isa.h"
 #include "errors.h"
 #include "parallel.h"
@@ -37,21 +39,9 @@ namespace ffi = xla::ffi;
 namespace jsparse {
 namespace {
 
-constexpr int kMaxVoxelNdim = 4;
-constexpr uint64_t kEmptyKey = ~0ull;  // cell keys stay below 2**62
 constexpr int64_t kCellChunk = 4096;   // points per cell-key task
 constexpr int64_t kPrefetchAhead = 16;  // table slots prefetched ahead of the inserter
 constexpr int64_t kRowChunkFloats = int64_t{1} << 16;  // voxel floats per row task (256 KiB)
-
-// The static geometry, in the handler's axis order (xyz, as the attributes give it).
-struct VoxelGeometry {
-  int ndim;
-  float vsize[kMaxVoxelNdim];
-  float low[kMaxVoxelNdim];
-  int64_t grid[kMaxVoxelNdim];
-  uint64_t stride[kMaxVoxelNdim];  // key = sum(cell[a] * stride[a]): x fastest, as zyx row-major
-  uint64_t cells;                  // prod(grid)
-};
 
 // Open-addressing tables from cell key to voxel row (-1: a voxel past max_num_voxels, counted but
 // never stored). Both have the same interface; InsertPoints takes either.
@@ -97,28 +87,14 @@ inline uint64_t VoxelSlot(uint64_t key, uint64_t mask) {
   return ((uint64_t{MixKey32(folded)} << 3) | (key & 7)) & mask;
 }
 
-// The cell of `value` on axis `a`: floor((value - low) / vsize) in float32 arithmetic, spconv's.
-// Out-of-range, NaN and infinite quotients give 0 (the integer conversion would be undefined for
-// them) and clear *inside; so does a cell past the grid.
-inline int32_t AxisCell(const VoxelGeometry& g, int a, float value, bool* inside) {
-  const float q = (value - g.low[a]) / g.vsize[a];
-  const bool finite = (q >= 0.0f) & (q < 2147483648.0f);  // false for NaN
-  const int32_t c = static_cast<int32_t>(finite ? q : 0.0f);  // q >= 0: truncation is floor
-  *inside &= finite & (c < g.grid[a]);
-  return c;
-}
-
-// Keys and first slots of points [begin, end): branch-free, as valid points interleave with
-// invalid ones unpredictably.
+// Keys and first slots of points [begin, end) (common/voxelize.h's arithmetic): branch-free, as
+// valid points interleave with invalid ones unpredictably.
 template <int kNdim>
 void ComputeCellKeysScalar(const VoxelGeometry& g, const float* points, int64_t features, int64_t begin,
                            int64_t end, uint64_t mask, const CellKeys& out) {
   for (int64_t i = begin; i < end; ++i) {
-    uint64_t key = 0;
     bool inside = true;
-    for (int a = 0; a < kNdim; ++a) {
-      key += static_cast<uint64_t>(AxisCell(g, a, points[i * features + a], &inside)) * g.stride[a];
-    }
+    const uint64_t key = CellKey(g, kNdim, points + i * features, &inside);
     out.key[i] = inside ? key : kEmptyKey;
     out.slot[i] = inside ? VoxelSlot(key, mask) : mask + 1;
   }
@@ -252,38 +228,6 @@ int64_t InsertPoints(const CellKeys& keys, int64_t active, int64_t max_voxels, t
   return opened;
 }
 
-// Checks the attributes and fills `g`; returns an error message or an empty string.
-std::string MakeGeometry(const std::string& op, ffi::Span<const float> vsize, ffi::Span<const float> low,
-                         ffi::Span<const int64_t> grid, VoxelGeometry* g) {
-  const size_t ndim = vsize.size();
-  if (ndim < 2 || ndim > kMaxVoxelNdim) {
-    return op + "voxel_size must have 2 to 4 entries (x, y[, z[, t]]), got " + std::to_string(ndim);
-  }
-  if (low.size() != ndim || grid.size() != ndim) {
-    return op + "range_min and grid_size need one entry per voxel_size entry (" + std::to_string(ndim) + ")";
-  }
-  g->ndim = static_cast<int>(ndim);
-  double cells = 1;
-  uint64_t stride = 1;
-  for (size_t a = 0; a < ndim; ++a) {
-    if (!(vsize[a] > 0.0f) || !std::isfinite(vsize[a]) || !std::isfinite(low[a])) {
-      return op + "voxel_size must be positive and finite and range_min finite on every axis";
-    }
-    if (grid[a] < 1 || grid[a] > INT32_MAX) {
-      return op + "grid_size must be in [1, 2**31 - 1] on every axis, got " + Shape(grid);
-    }
-    g->vsize[a] = vsize[a];
-    g->low[a] = low[a];
-    g->grid[a] = grid[a];
-    g->stride[a] = stride;
-    stride *= static_cast<uint64_t>(grid[a]);
-    cells *= static_cast<double>(grid[a]);
-  }
-  if (cells >= 4.0e18) return op + "the grid " + Shape(grid) + " has more cells than 64-bit keys hold";
-  g->cells = stride;
-  return {};
-}
-
 // Voxel ids compared lane-wise (vector instructions of the baseline ISA), four vectors a block.
 using IdLanes = int32_t __attribute__((vector_size(16)));
 constexpr int kScanBlock = 4 * 4;
@@ -348,11 +292,7 @@ void FillEmptyWithMean(const int32_t* counts, int64_t begin, int64_t end, int64_
 // The cells (zyx) of voxel rows [begin, end): those of each voxel's first point.
 void VoxelCoords(const VoxelGeometry& g, const float* points, int64_t features, const int32_t* first_point,
                  int64_t begin, int64_t end, int32_t* coords) {
-  for (int64_t v = begin; v < end; ++v) {
-    const float* point = points + int64_t{first_point[v]} * features;
-    bool inside = true;
-    for (int a = 0; a < g.ndim; ++a) coords[v * g.ndim + g.ndim - 1 - a] = AxisCell(g, a, point[a], &inside);
-  }
+  for (int64_t v = begin; v < end; ++v) CellZyx(g, points + int64_t{first_point[v]} * features, coords + v * g.ndim);
 }
 
 // Voxel rows per row task.
@@ -385,43 +325,14 @@ ffi::Future Voxelize(ffi::ThreadPool pool, ffi::AnyBuffer points, ffi::AnyBuffer
                      ffi::Result<ffi::AnyBuffer> num_voxels_out) {
   const std::string op = "jsparse_voxelize: ";
   auto g = std::make_shared<VoxelGeometry>();
-  std::string message = MakeGeometry(op, vsize, low, grid, g.get());
-  const auto pd = points.dimensions();
-  const auto vd = voxels_out->dimensions();
-  const auto cd = coords_out->dimensions();
-  const auto id = ids_out->dimensions();
-  if (message.empty() && (points.element_type() != ffi::F32 || pd.size() != 2 || pd[1] < g->ndim)) {
-    message = op + "points must be float32 [P, F] with F >= " + std::to_string(g->ndim) +
-              " (coordinates first), got shape " + Shape(pd);
-  }
-  if (message.empty() && pd[0] > INT32_MAX) message = op + "more points than int32 ids reach";
-  if (message.empty() && (num_points.element_type() != ffi::S32 || num_points.dimensions().size() != 0)) {
-    message = op + "num_points must be an int32 scalar";
-  }
-  if (message.empty() && (voxels_out->element_type() != ffi::F32 || vd.size() != 3 || vd[0] < 1 || vd[1] < 1 ||
-                          vd[2] != pd[1] || vd[0] > INT32_MAX / vd[1])) {
-    message = op + "voxels must be float32 [max_num_voxels, max_points_per_voxel, F] with both sizes >= 1, " +
-              "F the points' columns and max_num_voxels * max_points_per_voxel < 2**31; got " + Shape(vd) +
-              " for points " + Shape(pd);
-  }
-  if (message.empty() &&
-      (coords_out->element_type() != ffi::S32 || cd.size() != 2 || cd[0] != vd[0] || cd[1] != g->ndim ||
-       counts_out->element_type() != ffi::S32 || counts_out->dimensions().size() != 1 ||
-       counts_out->dimensions()[0] != vd[0] || ids_out->element_type() != ffi::S32 || id.size() != 1 ||
-       id[0] != pd[0] || num_voxels_out->element_type() != ffi::S32 || num_voxels_out->dimensions().size() != 0)) {
-    message = op + "outputs must be int32 coords [V, ndim], num_points_per_voxel [V], pc_voxel_id [P] and " +
-              "num_voxels [] beside voxels [V, M, F]; got coords " + Shape(cd) + " and pc_voxel_id " + Shape(id) +
-              " for voxels " + Shape(vd) + " and points " + Shape(pd);
-  }
-  if (message.empty() && reused.element_count() != 0 && reused.untyped_data() != voxels_out->untyped_data()) {
-    message = op + "the reused voxels must be an empty array or aliased to the voxels result";
-  }
+  const std::string message = ValidateVoxelize(op, points, num_points, reused, vsize, low, grid, *voxels_out,
+                                               *coords_out, *counts_out, *ids_out, *num_voxels_out, g.get());
   if (!message.empty()) return InvalidArgumentFuture(message);
 
-  const int64_t num_rows = pd[0];
-  const int64_t features = pd[1];
-  const int64_t max_voxels = vd[0];
-  const int64_t max_points = vd[1];
+  const int64_t num_rows = points.dimensions()[0];
+  const int64_t features = points.dimensions()[1];
+  const int64_t max_voxels = voxels_out->dimensions()[0];
+  const int64_t max_points = voxels_out->dimensions()[1];
   const int64_t active = std::clamp<int64_t>(*num_points.typed_data<int32_t>(), 0, num_rows);
   const float* pts = points.typed_data<float>();
   float* voxels = voxels_out->typed_data<float>();
