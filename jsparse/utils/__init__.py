@@ -2,6 +2,10 @@
 
 from jsparse.utils._io import read_points as read_points
 from jsparse.utils._io import write_points as write_points
+from jsparse.utils._scenes import CLASS_COLORS as CLASS_COLORS
+from jsparse.utils._scenes import CLASSES as CLASSES
+from jsparse.utils._scenes import beam_elevations as beam_elevations
+from jsparse.utils._scenes import simulate_scan as simulate_scan
 from jsparse.utils._voxelize import PointToVoxel as PointToVoxel
 from jsparse.utils._voxelize import bounding_range as bounding_range
 from jsparse.utils._voxelize import gather_features_by_pc_voxel_id as gather_features_by_pc_voxel_id
