@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -338,3 +339,18 @@ def test_scan_crops_match_spconv(spconv, scans):
   js_out, sp_out = js_up(js_x), sp_up(sp_x)
   assert_same_as_spconv(js_out, sp_out, ATOL, same_order=True)
   np.testing.assert_array_equal(js_out.to_numpy()[1], indices)
+
+
+def test_default_kernel_init_is_lecun_normal_with_few_compilations():
+  from jsparse.nn._conv import _truncated_normal_draw, lecun_normal
+
+  w = np.asarray(lecun_normal(jax.random.key(0), (3, 3, 3, 32, 64)))
+  scale = np.sqrt(27 * 32)  # variance 1 / fan_in, fan_in = prod(kernel_size) * C_in
+  assert w.shape == (3, 3, 3, 32, 64) and abs(w.std() * scale - 1) < 0.02 and abs(w.mean() * scale) < 0.02
+  assert np.abs(w).max() * scale <= 2 / 0.87962566103423978 + 1e-5  # truncated at two deviations
+  np.testing.assert_array_equal(w, lecun_normal(jax.random.key(0), (3, 3, 3, 32, 64)))
+  assert not np.array_equal(w, lecun_normal(jax.random.key(1), (3, 3, 3, 32, 64)))
+  before = _truncated_normal_draw._cache_size()
+  for shape in ((27, 3, 3), (3, 3, 3, 2, 4), (2, 2, 2, 5, 4), (150,)):  # 129 to 256 values: one draw size
+    lecun_normal(jax.random.key(2), shape)
+  assert _truncated_normal_draw._cache_size() - before <= 1
