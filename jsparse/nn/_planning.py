@@ -124,12 +124,14 @@ def grow_on_overflow(step: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]
 
   ``step(*args)`` returns ``(result, overflow)``: ``overflow`` is the step's output tensor (or
   its ``.overflow`` dict, or a list of those), whose records say what each site-creating layer
-  needed. The wrapper runs the step under ``nnx.jit``; when a layer of the NNX objects among the
-  arguments (the model, the optimizer) needed more rows than it had, it puts their state back as
-  it was before the step (no update from an overflowed step is kept), raises that layer's
-  ``out_capacity`` to the bucket that holds what it needed (:func:`jsparse.round_capacity`),
-  logs a warning on the ``jsparse`` logger, and runs the same step again; each new capacity is
-  one new compilation. It returns ``result``.
+  needed. The wrapper runs the step under ``jax.jit`` as a pure function of the state of the NNX
+  objects among the arguments (the model, the optimizer: ``nnx.split`` before, ``nnx.merge``
+  inside), and writes their new state back only when no layer dropped sites. When a layer of
+  those objects needed more rows than it had, nothing of the step is kept: the wrapper raises
+  that layer's ``out_capacity`` to the bucket that holds what it needed
+  (:func:`jsparse.round_capacity`), logs a warning on the ``jsparse`` logger, and runs the same
+  step again from the same state; each new capacity is one new compilation. It returns
+  ``result``.
 
   Raises:
     CapacityError: a record that no layer of the arguments owns overflowed (``from_dense``,
@@ -147,18 +149,32 @@ def grow_on_overflow(step: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]
   >>> net.out_capacity
   16
   """
-  jitted = nnx.jit(step)
+
+  @functools.partial(jax.jit, static_argnames=("graphdef", "where"))
+  def pure(graphdef, state, args, kwargs, where):
+    nodes = iter(nnx.merge(graphdef, state))
+    positions, names = where
+    args = tuple(next(nodes) if i in positions else a for i, a in enumerate(args))
+    kwargs = {k: next(nodes) if k in names else v for k, v in kwargs.items()}
+    merged = tuple(args[i] for i in positions) + tuple(kwargs[k] for k in names)
+    result, overflow = step(*args, **kwargs)
+    return result, _overflow_only(overflow), nnx.state(merged)
 
   @functools.wraps(step)
   def run(*args: Any, **kwargs: Any) -> Any:
-    nodes = tuple(a for a in (*args, *kwargs.values()) if isinstance(a, nnx.Pytree))  # models, optimizers
-    saved = nnx.clone(nnx.state(nodes))  # the values: a State holds the live Variables
+    # The models and optimizers among the arguments travel as their state; the rest as they are.
+    positions = tuple(i for i, a in enumerate(args) if isinstance(a, nnx.Pytree))
+    names = tuple(k for k, v in kwargs.items() if isinstance(v, nnx.Pytree))
+    nodes = tuple(args[i] for i in positions) + tuple(kwargs[k] for k in names)
+    rest = tuple(None if i in positions else a for i, a in enumerate(args))
+    rest_kwargs = {k: None if k in names else v for k, v in kwargs.items()}
     while True:
-      result, overflow = jitted(*args, **kwargs)
+      graphdef, state = nnx.split(nodes)
+      result, overflow, new_state = pure(graphdef, state, rest, rest_kwargs, where=(positions, names))
       short = {key: pairs for key, pairs in _records(overflow).items() if any(n > c for n, c in pairs)}
       if not short:
+        nnx.update(nodes, new_state)
         return result
-      nnx.update(nodes, saved)
       layers = _site_layers(*nodes)
       for key, pairs in short.items():
         n, c = max(pairs)  # the call that needed the most
@@ -176,3 +192,13 @@ def grow_on_overflow(step: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]
         )  # fmt: skip
 
   return run
+
+
+def _overflow_only(overflow: Any) -> Any:
+  """The overflow records of a step's ``overflow`` (tensors reduced to their ``.overflow`` dict),
+  so that the jitted step returns those and not whole tensors."""
+  if isinstance(overflow, SparseConvTensor):
+    return overflow.overflow
+  if isinstance(overflow, (list, tuple)):
+    return [_overflow_only(part) for part in overflow]
+  return overflow
