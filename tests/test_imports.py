@@ -24,7 +24,7 @@ LAYERS = (
   ("jsparse.tensor", "jsparse._build_info", "jsparse.utils"),
   ("jsparse.nn",),
   ("jsparse.models",),
-  ("jsparse", "jsparse.cli", "jsparse.__main__"),
+  ("jsparse", "jsparse.demo", "jsparse.cli", "jsparse.__main__"),
 )
 
 
