@@ -3,9 +3,10 @@
 Output-stationary: output row ``o`` sums ``features[nbr[o, k]] @ kernel[k]`` over taps ``k``,
 accumulating in float32. The VJP reads the transposed map for the input gradient (again one
 writer per row, no scatter-add) and reduces the kernel gradient tap by tap, so results do not
-depend on scheduling. Each direction has an FFI kernel (``xla_ffi/cpu/conv.cc``: fused
-gather-GEMM-scatter, threaded) and a jnp reference, chosen by :func:`jsparse.backend`; on CPU,
-float32 submanifold layers get both gradients from one pass over the map.
+depend on scheduling. Each direction has FFI kernels (``xla_ffi/cpu/conv.cc``: fused
+gather-GEMM-scatter, threaded; ``xla_ffi/cuda/conv.cu``: tiled gather-GEMM, chunked kernel
+gradient) and a jnp reference, chosen by :func:`jsparse.backend`; on CPU, float32 submanifold
+layers get both gradients from one pass over the map.
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ def _insert_exist_keys_reference(table_keys, table_values, keys, values):
   return jnp.where(last >= 0, values[jnp.maximum(last, 0)], table_values), found
 
 
-# ---- the FFI kernels (xla_ffi/cpu/hash_table.cc) --------------------------------------------
+# ---- the FFI kernels (xla_ffi/cpu/hash_table.cc, xla_ffi/cuda/hash_table.cu) ----------------
 
 
 def _like(x, dtype=None):

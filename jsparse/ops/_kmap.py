@@ -1,7 +1,8 @@
 """Kernel maps ("indice pairs"): which input row feeds each output row through each kernel tap.
 
 Two backends (:func:`jsparse.backend`): the FFI kernels (``xla_ffi/cpu/kmap.cc``: hash tables and
-radix sorts of packed 64-bit site keys, threaded) and a jnp reference, in which sites are packed
+radix sorts of packed 64-bit site keys, threaded; ``xla_ffi/cuda/kmap.cu``: the same on the GPU
+with cub's radix sort) and a jnp reference, in which sites are packed
 into int32 key words (``_keys``), sorted, and found by binary search. Both are jittable with
 static capacities and give identical maps. Every map is output-stationary: ``nbr[o, k]`` is
 the input row that output row ``o`` reads through tap ``k`` (row-major over the kernel), so each

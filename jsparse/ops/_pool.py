@@ -4,7 +4,8 @@ Max pooling returns the true maximum over the active inputs of each output site 
 at 0, its issue 754; jsparse does not). Its gradient goes to one input per (output, channel):
 the first kernel tap, in row-major kernel order, that holds the maximum. Average pooling divides
 by the number of active inputs, not by the kernel volume. Both are output-stationary in both
-directions (the gradients read the transposed map), with FFI kernels (``xla_ffi/cpu/pool.cc``)
+directions (the gradients read the transposed map), with FFI kernels (``xla_ffi/cpu/pool.cc``,
+``xla_ffi/cuda/pool.cu``)
 and a jnp reference that performs the same float32 operations in the same order, so the two
 backends agree bitwise.
 

@@ -15,7 +15,8 @@ Semantics (``voxel_size`` and ``coors_range`` in xyz, outputs in zyx), per axis 
 Two backends (:func:`jsparse.backend`) with bitwise identical results: the FFI kernel
 (``xla_ffi/cpu/voxelize.cc``: cell keys in parallel, first-come ids from one thread's walk
 through a hash table of them, then the voxel rows in parallel, padding rows while the ids are
-being assigned) and a jnp reference that sorts points by cell. Under ``vmap`` each cloud is
+being assigned; ``xla_ffi/cuda/voxelize.cu``: first points by atomic minimum, ids by a scan) and
+a jnp reference that sorts points by cell. Under ``vmap`` each cloud is
 voxelized on its own (the FFI kernel runs once per cloud).
 """
 
