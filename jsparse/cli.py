@@ -86,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   run.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo_output"), help="output folder")
   run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
   run.add_argument("--points", type=pathlib.Path, help="a scan to segment (default: data/kitti_000008.bin)")
+  run.add_argument(
+    "--num-features", type=int, help="columns of a raw .bin --points (4 for KITTI, 5 for nuScenes)"
+  )
   run.add_argument("--devices", type=int, default=1, help="data-parallel devices (CPU: host devices)")
   run.add_argument("--batch-size", type=int, default=defaults.batch_size, help="scans per step")
   vox = commands.add_parser(
@@ -113,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       )
     config = dataclasses.replace(defaults, steps=args.steps, batch_size=args.batch_size, devices=args.devices)
     try:
-      demo.run(config, args.out, resume=args.resume, points_file=args.points)
+      demo.run(config, args.out, resume=args.resume, points_file=args.points, num_features=args.num_features)
     except (FileNotFoundError, ValueError) as error:  # no checkpoint to resume, an unreadable --points
       parser.exit(2, f"jsparse demo: error: {error}\n")
   elif args.command == "voxelize":

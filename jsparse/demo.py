@@ -532,6 +532,7 @@ def run(
   out: pathlib.Path = pathlib.Path("demo_output"),
   resume: bool = False,
   points_file: pathlib.Path | None = None,
+  num_features: int | None = None,
 ) -> dict[str, Any]:
   """The whole demo; returns what it writes to ``out/metrics.json``."""
   start = time.perf_counter()
@@ -564,7 +565,15 @@ def run(
   )
 
   scan_path = points_file if points_file is not None else KITTI_SCAN
-  scan = read_points(scan_path, None if scan_path.suffix != ".bin" else 4)
+  if num_features is None and scan_path.suffix == ".bin":
+    num_features = 4  # KITTI's layout; a nuScenes sweep needs 5
+  scan = read_points(scan_path, num_features)
+  if scan.shape[1] < 4:
+    raise ValueError(
+      f"{scan_path}: the network reads x, y, z and intensity; the file has {scan.shape[1]} columns"
+    )
+  if len(scan) > MAX_POINTS:
+    print(f"jsparse demo: {scan_path.name} has {len(scan)} points; the first {MAX_POINTS} are segmented")
   scan_labels = predict_points(model, inputs, scan, config.batch_size)
   panels = [
     (f"generated scan {val_seeds[0]}: truth", val_scenes.points[0, : val_scenes.counts[0]],

@@ -68,10 +68,14 @@ def test_demo_writes_metrics_picture_and_checkpoint_and_resumes(tmp_path: pathli
   printed = capsys.readouterr().out
   assert f"validation mIoU {metrics['miou']:.3f}" in printed
 
-  main(["demo", "--steps", "3", "--out", str(out), "--resume"])
+  sweep = pathlib.Path(demo.__file__).resolve().parents[1] / "data" / "nuscenes_lidar_top.bin"
+  main(["demo", "--steps", "3", "--out", str(out), "--resume", "--points", str(sweep), "--num-features", "5"])
   resumed = json.loads((out / "metrics.json").read_text())
   assert resumed["steps"] == 3 and resumed["steps_run"] == 1
-  assert "resumed from" in capsys.readouterr().out
+  # Points out of range or past MAX_POINTS have no class: the fractions sum to less than 1.
+  assert resumed["scan"] == str(sweep) and 0.5 < sum(resumed["scan_class_fractions"].values()) < 1.0
+  printed = capsys.readouterr().out
+  assert "resumed from" in printed and "has 34688 points; the first 32768 are segmented" in printed
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path: pathlib.Path):
