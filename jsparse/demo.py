@@ -246,12 +246,18 @@ def make_optimizer(model: nnx.Module, config: Config) -> nnx.Optimizer:
   return nnx.Optimizer(model, optax.adamw(schedule, weight_decay=1e-4), wrt=nnx.Param)
 
 
+def _weighted_loss_terms(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+  """``[2]``: the class-weighted cross-entropy summed over rows with a label (>= 0), and the sum
+  of their weights; their ratio is the loss (summed over devices first when data-parallel)."""
+  classes = jnp.maximum(labels, 0)
+  w = jnp.where(labels >= 0, weights[classes], 0.0)
+  return jnp.stack([jnp.sum(optax_cross_entropy(logits, classes) * w), jnp.sum(w)])
+
+
 def _loss(model, x, labels, weights):
   out = model(x)
-  valid = labels >= 0
-  losses = optax_cross_entropy(out.features, jnp.maximum(labels, 0))
-  w = jnp.where(valid, weights[jnp.maximum(labels, 0)], 0.0)
-  return jnp.sum(losses * w) / jnp.maximum(jnp.sum(w), 1e-6), out
+  total = _weighted_loss_terms(out.features, labels, weights)
+  return total[0] / jnp.maximum(total[1], 1e-6), out
 
 
 def _train_step(model, optimizer, x, labels, weights):
@@ -296,10 +302,7 @@ class DataParallelStep:
 
     def loss_fn(model):
       out = model(x)
-      valid = labels >= 0
-      losses = optax_cross_entropy(out.features, jnp.maximum(labels, 0))
-      w = jnp.where(valid, weights[jnp.maximum(labels, 0)], 0.0)
-      total = jax.lax.psum(jnp.stack([jnp.sum(losses * w), jnp.sum(w)]), "data")
+      total = jax.lax.psum(_weighted_loss_terms(out.features, labels, weights), "data")
       return total[0] / jnp.maximum(total[1], 1e-6), out
 
     (loss, out), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
