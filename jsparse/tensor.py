@@ -12,6 +12,7 @@ layers (``jsparse.nn``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,7 +40,8 @@ class SparseConvTensor:
 
   Args:
     features: ``[N, C]`` array (numpy or jax).
-    indices: int32 ``[N, 1 + ndim]``.
+    indices: integer ``[N, 1 + ndim]``, stored as int32 (int64, as spconv's, is accepted when its
+      values fit; numpy, jax and CPU torch arrays are read).
     spatial_shape: the grid extent, ``ndim`` ints.
     batch_size: number of grids.
     indice_dict: kernel maps by key (usually left empty).
@@ -66,9 +68,7 @@ class SparseConvTensor:
     *,
     capacity: int | None = None,
   ):
-    if getattr(indices, "dtype", np.int32) != np.int32:  # before jnp.asarray narrows int64
-      raise ValueError(f"indices must be int32, got {indices.dtype}; convert with .astype(np.int32)")
-    features, indices = jnp.asarray(features), jnp.asarray(indices)
+    features, indices = jnp.asarray(features), _int32_indices(indices)
     spatial_shape = tuple(int(n) for n in spatial_shape)
     _check_structure(features, indices, spatial_shape, batch_size)
     if is_concrete(indices):
@@ -179,6 +179,11 @@ class SparseConvTensor:
     """
     if x.ndim < 3:
       raise ValueError(f"from_dense expects [batch, *spatial, C] with >= 1 spatial dim, got {x.shape}")
+    if math.prod(x.shape[:-1]) > np.iinfo(np.int32).max:  # jnp.nonzero's flat indices are int32
+      raise ValueError(
+        f"from_dense: the grid {x.shape[:-1]} has {math.prod(x.shape[:-1])} sites, more than int32 "
+        "flat indices reach (2**31 - 1); convert fewer samples at a time"
+      )
     active = jnp.any(x != 0, axis=-1)
     needed = jnp.sum(active, dtype=jnp.int32)
     overflow = {}
@@ -220,6 +225,26 @@ class SparseConvTensor:
       f"spatial_shape={self.spatial_shape}, batch_size={self.batch_size}, "
       f"indice_keys={list(self.indice_dict)})"
     )
+
+
+def _int32_indices(indices: Any) -> jax.Array:
+  """``indices`` as int32. Other integer dtypes (spconv's and PyTorch's int64, numpy's default)
+  are narrowed after checking, when the values are known, that every value fits in int32."""
+  if not isinstance(indices, jax.Array) or is_concrete(indices):
+    indices = np.asarray(indices)  # also reads lists and CPU torch tensors
+  if not np.issubdtype(indices.dtype, np.integer):
+    raise ValueError(f"indices must be integers (int32), got {indices.dtype}")
+  if indices.dtype != np.int32 and isinstance(indices, np.ndarray) and indices.ndim == 2:
+    info = np.iinfo(np.int32)
+    rows = np.flatnonzero(((indices < info.min) | (indices > info.max)).any(axis=1))
+    if rows.size:
+      shown = ", ".join(f"{r}: {indices[r].tolist()}" for r in rows[:5])
+      more = f" and {rows.size - 5} more" if rows.size > 5 else ""
+      raise ValueError(
+        f"{rows.size} rows of the {indices.dtype} indices do not fit in int32 ({shown}{more}); batch "
+        "indices must be in [0, batch_size) (or -1 for padding) and coordinates in [0, spatial_shape)"
+      )
+  return jnp.asarray(indices, jnp.int32)
 
 
 def _check_structure(features, indices, spatial_shape, batch_size) -> None:

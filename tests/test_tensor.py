@@ -38,9 +38,28 @@ def test_bad_sites_are_named(indices, message):
     _tensor(indices)
 
 
+def test_int64_indices_in_range_are_accepted_as_int32():
+  indices = np.array([[0, 1, 2], [1, 3, 0]], np.int64)
+  x = jsparse.SparseConvTensor(np.ones((2, 3), np.float32), indices, (4, 4), 2, capacity=4)
+  assert x.indices.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(x.indices), [[0, 1, 2], [1, 3, 0], [-1, -1, -1], [-1, -1, -1]])
+  from_list = jsparse.SparseConvTensor(np.ones((2, 3), np.float32), indices.tolist(), (4, 4), 2)
+  assert from_list.indices.dtype == jnp.int32
+
+
+def test_int64_indices_out_of_range_name_the_rows():
+  indices = np.array([[0, 1, 2], [0, 2**31, 0], [1, 0, -(2**40)], [1, 3, 3]], np.int64)
+  with pytest.raises(
+    ValueError, match=r"2 rows of the int64 indices do not fit in int32 \(1: \[0, 2147483648, 0\], 2:"
+  ):
+    jsparse.SparseConvTensor(np.ones((4, 3), np.float32), indices, (4, 4), 2)
+  with pytest.raises(ValueError, match=r"coordinate outside spatial_shape \(0: \[0, 9, 0\]\)"):
+    jsparse.SparseConvTensor(np.ones((1, 3), np.float32), np.array([[0, 9, 0]], np.int64), (4, 4), 1)
+
+
 def test_bad_structure_is_explained():
-  with pytest.raises(ValueError, match="int32, got int64"):
-    jsparse.SparseConvTensor(np.ones((1, 2)), np.zeros((1, 3), np.int64), (4, 4), 1)
+  with pytest.raises(ValueError, match=r"integers \(int32\), got float32"):
+    jsparse.SparseConvTensor(np.ones((1, 2)), np.zeros((1, 3), np.float32), (4, 4), 1)
   with pytest.raises(ValueError, match=r"\[N, 1 \+ ndim\] = \[N, 3\]"):
     _tensor([[0, 1, 1, 1]])
   with pytest.raises(ValueError, match="features must be"):
@@ -89,6 +108,10 @@ def test_dense_matches_a_numpy_scatter_and_from_dense_inverts_it():
   np.testing.assert_array_equal(jitted.indices, indices[order][:10])
   with pytest.raises(ValueError, match="capacity="):
     jax.jit(jsparse.SparseConvTensor.from_dense)(jnp.asarray(expected))
+  # jnp.nonzero numbers a grid's sites with int32: a larger grid is refused at trace time.
+  huge = jax.ShapeDtypeStruct((2, 2**15, 2**15, 1), jnp.float32)
+  with pytest.raises(ValueError, match=r"2147483648 sites, more than int32 flat indices reach"):
+    jax.eval_shape(lambda d: jsparse.SparseConvTensor.from_dense(d, capacity=8), huge)
 
 
 def test_pytree_round_trip_through_jit():

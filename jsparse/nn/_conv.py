@@ -13,6 +13,7 @@ from flax.nnx.nn import dtypes
 from jax import lax
 
 from jsparse import ops
+from jsparse._porting import explains_spconv_arguments
 from jsparse.nn._base import BuildsMap, IntOrSeq, SparseModule
 from jsparse.tensor import SparseConvTensor, inverse_kernel_map
 
@@ -108,6 +109,7 @@ class _MapBuildingConv(_Conv, BuildsMap):
 
   _kind = ""
 
+  @explains_spconv_arguments
   def __init__(
     self,
     in_channels: int,
@@ -243,6 +245,7 @@ class SparseInverseConv(_Conv):
       :class:`SparseConv`.
   """
 
+  @explains_spconv_arguments
   def __init__(
     self,
     in_channels: int,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jsparse._porting import explains_spconv_arguments
 from jsparse.nn._base import SparseModule
 from jsparse.tensor import SparseConvTensor
 
@@ -71,6 +72,8 @@ class BatchNorm(nnx.BatchNorm, SparseModule):
   >>> [round(float(v), 3) for v in y.features[:3, 0]], float(bn.mean[0]), float(bn.var[0])
   ([-1.0, 1.0, 0.0], 2.0, 1.0)
   """
+
+  __init__ = explains_spconv_arguments(nnx.BatchNorm.__init__)
 
   def __call__(self, x: SparseConvTensor, use_running_average: bool | None = None) -> SparseConvTensor:
     """Normalizes ``x``: features ``[capacity, C]`` -> ``[capacity, C]``, padding rows 0."""
@@ -140,6 +143,8 @@ class LayerNorm(nnx.LayerNorm, SparseModule):
   [[-1.0, 1.0], [0.0, 0.0]]
   """
 
+  __init__ = explains_spconv_arguments(nnx.LayerNorm.__init__)
+
   def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
     """Normalizes each row of ``x``: features ``[capacity, C]`` -> ``[capacity, C]``."""
     _check(self, x, self.num_features)
@@ -168,6 +173,8 @@ class GroupNorm(nnx.GroupNorm, SparseModule):
   >>> y.features.tolist()
   [[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]]
   """
+
+  __init__ = explains_spconv_arguments(nnx.GroupNorm.__init__)
 
   def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
     """Normalizes ``x``: features ``[capacity, C]`` -> ``[capacity, C]``, padding rows 0."""

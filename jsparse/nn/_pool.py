@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 
 from jsparse import ops
+from jsparse._porting import explains_spconv_arguments
 from jsparse.nn._base import BuildsMap, IntOrSeq, SparseModule
 from jsparse.tensor import SparseConvTensor
 
@@ -14,6 +15,7 @@ class _Pool(SparseModule, BuildsMap):
 
   _pool = staticmethod(ops.sparse_max_pool)
 
+  @explains_spconv_arguments
   def __init__(
     self,
     kernel_size: IntOrSeq,
@@ -21,6 +23,7 @@ class _Pool(SparseModule, BuildsMap):
     padding: IntOrSeq = 0,
     dilation: IntOrSeq = 1,
     indice_key: str | None = None,
+    subm: bool = False,
     *,
     num_spatial_dims: int | None = None,
     out_capacity: int | None = None,
@@ -28,8 +31,11 @@ class _Pool(SparseModule, BuildsMap):
   ):
     n = self._set_spatial_dims(num_spatial_dims)
     self.kernel_size = ops.ntuple(kernel_size, n, "kernel_size")
-    stride = self.kernel_size if stride is None else stride
+    self.subm = bool(subm)
+    stride = 1 if subm else self.kernel_size if stride is None else stride
     self._set_window(stride, padding, dilation, indice_key, out_capacity, capacity_ratio)
+    if self.subm:  # the geometry ops.make_spec("subm", ...) uses
+      self.padding = tuple((k // 2) * d for k, d in zip(self.kernel_size, self.dilation))
 
   def _label(self) -> str:
     return f"{type(self).__name__}({self._window_label()})"
@@ -37,7 +43,7 @@ class _Pool(SparseModule, BuildsMap):
   def __call__(self, x: SparseConvTensor) -> SparseConvTensor:
     """Pools ``x``: features ``[capacity_in, C]`` -> ``[capacity_out, C]``."""
     self._check_input(x, self._label())
-    spec, pairs, indice_dict, overflow = self._window_map(x, "pool", self._label())
+    spec, pairs, indice_dict, overflow = self._window_map(x, "subm" if self.subm else "pool", self._label())
     return x.replace(
       features=type(self)._pool(x.features, pairs),
       indices=pairs.out_indices,
@@ -50,7 +56,10 @@ class _Pool(SparseModule, BuildsMap):
 _POOL_ARGS = """
   An output site is active iff the window reaches an active input, as for ``SparseConv`` with the
   same geometry; rows are sorted by (batch, coords). The map is stored under ``indice_key``, so a
-  ``SparseInverseConv`` with that key maps back to the input sites.
+  ``SparseInverseConv`` with that key maps back to the input sites. With ``subm=True`` the pool
+  is submanifold: the outputs are the input sites, in their rows, each pooling the window centred
+  on it (stride 1, padding ``(kernel_size // 2) * dilation``, as for ``SubMConv``). spconv takes
+  the same argument, but its CPU path (2.3.8) ignores it and pools as a strided layer.
 
   Args:
     kernel_size: int or one int per axis.
@@ -58,6 +67,7 @@ _POOL_ARGS = """
     padding: int or per axis.
     dilation: int or per axis.
     indice_key: stores the map in the output's ``indice_dict`` under this key (or reuses it).
+    subm: pool over the input sites (see above); ``stride`` and ``padding`` are then ignored.
     num_spatial_dims: the number of spatial axes; fixed by the 1d-4d classes
       (``SparseMaxPool3d``), required by the generic one.
     out_capacity: static output row count (see :func:`jsparse.check_capacity`); eagerly ``None``

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsparse._capacity import is_concrete, overflow_entry
+from jsparse._porting import explains_spconv_arguments
 from jsparse.ops import Voxels, grid_size, voxelize
 
 
@@ -55,6 +56,7 @@ class PointToVoxel:
   ((64, 5, 4), (64, 3), (64,), (1000,))
   """
 
+  @explains_spconv_arguments
   def __init__(
     self,
     vsize_xyz: Sequence[float],

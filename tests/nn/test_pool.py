@@ -73,6 +73,19 @@ def test_pool_matches_reduce_window_with_gradients(kind, ndim):
   assert np.all(np.asarray(grad)[~np.asarray(x.mask)] == 0)
 
 
+@pytest.mark.parametrize("kind", ["SparseMaxPool3d", "SparseAvgPool3d"])
+def test_submanifold_pool_pools_the_window_centred_on_each_input_site(kind):
+  x = random_tensor(np.random.default_rng(5), 2, SHAPES[3], 3, 40, padding_rows=4)
+  layer = getattr(spnn, kind)(3, subm=True, indice_key="subm_pool")
+  assert (layer.stride, layer.padding) == ((1, 1, 1), (1, 1, 1))
+  y = layer(x)
+  np.testing.assert_array_equal(np.asarray(y.indices), np.asarray(x.indices))  # the input's rows
+  _, sites = y.to_numpy()
+  np.testing.assert_allclose(y.to_numpy()[0], _dense_pool(layer, x, x.features, sites), rtol=1e-6, atol=1e-6)
+  assert np.all(np.asarray(y.features)[~np.asarray(x.mask)] == 0)
+  assert "subm_pool" in y.indice_dict
+
+
 def test_max_pool_keeps_negative_maxima_and_routes_ties_to_the_first_tap():
   # Four inputs in one 2x2 window, all equal: the gradient goes to tap 0 (row-major first).
   sites = np.array([[0, 1, 1], [0, 0, 0], [0, 1, 0], [0, 0, 1]], np.int32)
@@ -181,4 +194,5 @@ def test_max_pool_matches_spconv_on_positive_features(spconv, geometry):
   features = rng.standard_normal((len(indices), 8)).astype(np.float32)
   js_x, sp_x = spconv_tensors(torch, sp, np.abs(features) + 0.5, indices, shape, batch)
   js_out = spnn.SparseMaxPool3d(**geometry)(js_x)
+
   assert_same_as_spconv(js_out, sp.SparseMaxPool3d(**geometry)(sp_x), atol=1e-4)
