@@ -1,5 +1,7 @@
 """jsparse: sparse convolution for JAX (spconv's API as Flax NNX layers, with XLA FFI kernels)."""
 
+from jsparse import export as export
+from jsparse import interop as interop
 from jsparse import models as models
 from jsparse import nn as nn
 from jsparse import ops as ops
