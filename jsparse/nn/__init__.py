@@ -38,6 +38,7 @@ from jsparse.nn._pool import SparseMaxPool1d as SparseMaxPool1d
 from jsparse.nn._pool import SparseMaxPool2d as SparseMaxPool2d
 from jsparse.nn._pool import SparseMaxPool3d as SparseMaxPool3d
 from jsparse.nn._pool import SparseMaxPool4d as SparseMaxPool4d
+from jsparse.nn._precision import set_dtype as set_dtype
 from jsparse.nn._sequential import SparseSequential as SparseSequential
 from jsparse.nn._sequential import ToDense as ToDense
 from jsparse.nn._sequential import apply_to_features as apply_to_features
