@@ -15,6 +15,9 @@ class CapacityError(ValueError):
   """More active sites exist than a layer's static ``out_capacity`` holds."""
 
 
+CapacityError.__module__ = "jsparse"  # tracebacks name it where users import it from
+
+
 def is_concrete(*arrays: Any) -> bool:
   """True when no array is a tracer, i.e. the call runs eagerly (outside jit, grad, vmap)."""
   return not any(isinstance(a, jax.core.Tracer) for a in arrays)

@@ -176,24 +176,18 @@ class InputStep:
   def _voxelize(self, points, counts, labels, keys, augment, capacity):
     batch = points.shape[0]
     points = jnp.where(augment, _augment(points, keys), points)  # one compilation for both
-    features, indices, voxel_labels, ids, needed = [], [], [], [], []
+    features, coords, voxel_labels, ids, needed = [], [], [], [], []
     for b in range(batch):  # static: one voxelizer call per scan
       result = self.voxelizer.generate(points[b], num_points=counts[b])
-      rows = jnp.arange(capacity)
-      active = rows < jnp.minimum(result.num_voxels, capacity)
       mean = mean_voxel_features(result.voxels[:capacity], result.num_points_per_voxel[:capacity])
       radius = jnp.sqrt(mean[:, 0] ** 2 + mean[:, 1] ** 2)
-      f = jnp.stack([mean[:, 2], mean[:, 3], radius / 50.0], axis=1)
-      features.append(jnp.where(active[:, None], f, 0.0))
-      coords = jnp.where(active[:, None], result.coords[:capacity], -1)
-      indices.append(jnp.concatenate([jnp.where(active, b, -1)[:, None], coords], axis=1))
+      features.append(jnp.stack([mean[:, 2], mean[:, 3], radius / 50.0], axis=1))
+      coords.append(result.coords[:capacity])  # rows past the voxels are -1: padding
       point_ids = jnp.where(result.pc_voxel_id < capacity, result.pc_voxel_id, -1)
       voxel_labels.append(_majority(labels[b], point_ids, capacity, len(CLASSES)))
       ids.append(jnp.where(point_ids >= 0, point_ids + b * capacity, -1))
       needed.append(result.num_voxels)
-    x = jsparse.SparseConvTensor(
-      jnp.concatenate(features), jnp.concatenate(indices).astype(jnp.int32), self.spatial_shape, batch
-    )
+    x = jsparse.SparseConvTensor.from_samples(features, coords, self.spatial_shape)
     return x, jnp.concatenate(voxel_labels), jnp.stack(ids), jnp.stack(needed)
 
 

@@ -12,6 +12,7 @@ layers (``jsparse.nn``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -201,6 +202,50 @@ class SparseConvTensor:
     features = jnp.where(valid[:, None], x[where], jnp.zeros((), x.dtype))
     return cls._make(features, indices, x.shape[1:-1], x.shape[0], {}, overflow)
 
+  @classmethod
+  def from_samples(
+    cls, features: Sequence[Any], coords: Sequence[Any], spatial_shape: Sequence[int]
+  ) -> SparseConvTensor:
+    """One tensor from per-sample voxels, as ``PointToVoxel`` returns them: sample ``b``'s rows
+    get batch index ``b``, and its padding rows (coordinates -1) stay padding.
+
+    Under jit a voxelizer's padding rows have coordinates -1; prepending a batch column by hand
+    (``concatenate([zeros, coords])``) would give them batch index 0 and make them active sites.
+
+    Args:
+      features: per sample, ``[V_b, C]`` (padding rows are set to 0).
+      coords: per sample, integer ``[V_b, ndim]``; a row with a negative coordinate is padding.
+      spatial_shape: the grid, ``ndim`` ints.
+
+    Returns:
+      A tensor of ``batch_size = len(features)`` and capacity ``sum(V_b)``, the samples' rows in
+      order; eagerly validated like the constructor.
+
+    >>> import numpy as np
+    >>> coords = np.array([[1, 2], [-1, -1]], np.int32)  # one voxel, one padding row
+    >>> x = SparseConvTensor.from_samples([np.ones((2, 3))] * 2, [coords] * 2, (4, 4))
+    >>> x.indices.tolist(), int(x.num_active)
+    ([[0, 1, 2], [-1, -1, -1], [1, 1, 2], [-1, -1, -1]], 2)
+    """
+    if len(features) != len(coords) or not features:
+      raise ValueError(
+        f"from_samples needs one features and one coords array per sample, got {len(features)} and "
+        f"{len(coords)}"
+      )
+    indices, rows = [], []
+    for b, (f, c) in enumerate(zip(features, coords)):
+      c = jnp.asarray(c)
+      if c.ndim != 2 or c.shape[1] != len(spatial_shape) or jnp.shape(f)[:1] != c.shape[:1]:
+        raise ValueError(
+          f"from_samples: sample {b} has features {jnp.shape(f)} and coords {c.shape}; they need "
+          f"[V, C] and [V, {len(spatial_shape)}]"
+        )
+      active = jnp.all(c >= 0, axis=1)
+      batch = jnp.where(active, b, -1)[:, None]
+      indices.append(jnp.where(active[:, None], jnp.concatenate([batch, c], axis=1), -1).astype(jnp.int32))
+      rows.append(jnp.where(active[:, None], jnp.asarray(f), 0))
+    return cls(jnp.concatenate(rows), jnp.concatenate(indices), spatial_shape, len(features))
+
   def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
     """Host copies of the active rows: ``(features [n, C], indices int32 [n, 1 + ndim])``."""
     mask = np.asarray(self.mask)
@@ -325,10 +370,14 @@ def kernel_map(
   if indice_key is not None and indice_key in indice_dict:
     pairs = indice_dict[indice_key]
     if pairs.spec != spec or pairs.batch_size != x.batch_size:
+      stored = {**dataclasses.asdict(pairs.spec), "batch_size": pairs.batch_size}
+      needed = {**dataclasses.asdict(spec), "batch_size": x.batch_size}
+      differences = ", ".join(
+        f"{k}={stored[k]!r} (needs {needed[k]!r})" for k in stored if stored[k] != needed[k]
+      )
       raise ValueError(
-        f"{label}: indice_key {indice_key!r} holds a map built for {pairs.spec} "
-        f"(batch_size={pairs.batch_size}), but this layer needs {spec} "
-        f"(batch_size={x.batch_size}). Give layers with different geometry different keys. "
+        f"{label}: indice_key {indice_key!r} holds a map that differs from this layer's in "
+        f"{differences}. Give layers with different geometry different keys. "
         f"Known keys: {_known_keys(indice_dict)}."
       )
     if pairs.in_indices.shape != x.indices.shape:

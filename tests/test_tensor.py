@@ -264,3 +264,40 @@ def test_operand_errors_name_the_problem():
     jsparse.sparse_add(x, random_tensor(rng, 2, (6, 5, 5), 3, 10))
   with pytest.raises(ValueError, match="one channel count"):
     jsparse.sparse_add(x, random_tensor(rng, 2, SHAPE, 4, 10))
+
+
+def test_a_key_reused_with_another_geometry_names_the_differences():
+  x = _tensor([[0, 1, 1], [1, 2, 3]])
+  y = spnn.SparseConv2d(3, 3, 3, 2, 1, indice_key="down", rngs=nnx.Rngs(0))(x)
+  other = spnn.SparseConv2d(3, 3, 2, 2, 0, indice_key="down", rngs=nnx.Rngs(0))
+  message = (
+    r"indice_key 'down' holds a map that differs from this layer's in kernel_size=\(3, 3\) \(needs "
+    r"\(2, 2\)\), padding=\(1, 1\) \(needs \(0, 0\)\)\. Give layers"
+  )
+  with pytest.raises(ValueError, match=message):
+    other(x.replace(indice_dict=y.indice_dict))
+
+
+def test_capacity_error_is_public():
+  assert jsparse.CapacityError.__module__ == "jsparse"
+
+
+@pytest.mark.parametrize("capacity", [3, 8])
+def test_from_samples_keeps_voxelizer_padding_as_padding_under_jit(capacity):
+  rng = np.random.default_rng(0)
+  coords = [np.array([[1, 2], [3, 0], [0, 0]]), np.array([[2, 2], [0, 1], [3, 3]])]
+  coords = [np.concatenate([c, np.full((capacity - 3, 2), -1)]).astype(np.int32) for c in coords]
+  coords[1][2] = -1  # sample 1 has two voxels
+  features = [rng.standard_normal((capacity, 3)).astype(np.float32) for _ in coords]
+  x = jax.jit(lambda f, c: jsparse.SparseConvTensor.from_samples(f, c, (4, 4)))(features, coords)
+  assert (x.capacity, x.batch_size, int(x.num_active)) == (2 * capacity, 2, 5)
+  expected = [[0, 1, 2], [0, 3, 0], [0, 0, 0], [1, 2, 2], [1, 0, 1]]
+  np.testing.assert_array_equal(x.to_numpy()[1], expected)
+  np.testing.assert_array_equal(x.to_numpy()[0], np.concatenate([features[0][:3], features[1][:2]]))
+  padding = ~np.asarray(x.mask)
+  assert np.all(np.asarray(x.indices)[padding] == -1) and np.all(np.asarray(x.features)[padding] == 0)
+
+
+def test_from_samples_explains_mismatched_samples():
+  with pytest.raises(ValueError, match=r"sample 0 has features \(2, 3\) and coords \(2, 3\); they need"):
+    jsparse.SparseConvTensor.from_samples([np.ones((2, 3))], [np.zeros((2, 3), np.int32)], (4, 4))
