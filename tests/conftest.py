@@ -1,3 +1,4 @@
+import fcntl
 import importlib
 import os
 import pathlib
@@ -78,6 +79,16 @@ def ffi_device(request: pytest.FixtureRequest) -> jax.Device:
   """A device of each platform ("cpu", "cuda") whose FFI kernels the test checks against the reference
   path (see ``sparse_data.platform_device``, which hypothesis tests call with a parametrized platform)."""
   return platform_device(request.param)
+
+
+@pytest.fixture
+def large_memory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+  """For tests that hold several GB (large-scene arrays past 2**31 elements): a lock shared by the
+  pytest-xdist workers, so that at most one such test runs at a time."""
+  lock = tmp_path_factory.getbasetemp().parent / "jsparse-large-memory.lock"
+  with open(lock, "w") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    yield
 
 
 # spconv 2.3.8, the oracle of the tests marked `spconv`. With JSPARSE_REQUIRE_SPCONV=1 (`make test-spconv`

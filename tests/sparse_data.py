@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -43,6 +44,45 @@ def random_tensor(
   order = rng.permutation(indices.shape[0])
   x = jsparse.SparseConvTensor(features[order], indices[order], spatial_shape, batch_size)
   return x
+
+
+# A large scene in bfloat16: [2**24 + 64, 128] holds 2**31 + 8192 elements (4.3 GB), so its last
+# rows start past int32 element offsets (row * C >= 2**31). Only 48 rows are nonzero: 16 at the
+# start, 16 around 2**23 and the last 16.
+LARGE_ROWS, LARGE_CHANNELS = 2**24 + 64, 128
+LARGE_ACTIVE = np.concatenate([np.arange(16), 2**23 + np.arange(16), LARGE_ROWS - 16 + np.arange(16)])
+
+
+def large_scene(
+  rng: np.random.Generator, out_rows: int, taps: int
+) -> tuple[jax.Array, jsparse.ops.IndicePairs, np.ndarray, np.ndarray]:
+  """``(features, pairs, gathered, valid)``: the large scene's bfloat16 features, a map of ``taps``
+  taps whose ``out_rows`` outputs read its nonzero rows (no row in about a quarter of the cells),
+  and, computed with numpy on the 48 nonzero rows alone, the float32 rows each cell reads
+  ``gathered [out_rows, taps, C]`` (0 without a row) and bool ``valid [out_rows, taps]``."""
+  values = np.asarray(jnp.asarray(rng.standard_normal((len(LARGE_ACTIVE), LARGE_CHANNELS)), jnp.bfloat16))
+  # Zeros from calloc, 64-byte aligned so that jax takes the buffer without copying it: pages
+  # that nothing writes are never allocated, and the scene costs what its users touch.
+  size = LARGE_ROWS * LARGE_CHANNELS
+  buffer = np.zeros(size + 32, np.uint16)
+  start = (-buffer.ctypes.data % 64) // 2
+  host = buffer[start : start + size].view(values.dtype).reshape(LARGE_ROWS, LARGE_CHANNELS)
+  host[LARGE_ACTIVE] = values
+  features = jax.device_put(host)
+  picked = rng.integers(0, len(LARGE_ACTIVE), size=(out_rows, taps))
+  valid = rng.random(picked.shape) >= 0.25
+  nbr = np.where(valid, LARGE_ACTIVE[picked], -1).astype(np.int32)
+  gathered = np.where(valid[..., None], values.astype(np.float32)[picked], 0.0)
+  pairs = jsparse.ops.IndicePairs(
+    jnp.asarray(nbr),
+    None,
+    jnp.zeros((LARGE_ROWS, 2), jnp.int32),
+    jnp.zeros((out_rows, 2), jnp.int32),
+    jnp.int32(out_rows),
+    jsparse.ops.make_spec("conv", (taps,), taps),
+    1,
+  )
+  return features, pairs, gathered, valid
 
 
 def clustered_points(rng: np.random.Generator, n: int, ndim: int, extent: int, features: int) -> np.ndarray:

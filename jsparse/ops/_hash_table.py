@@ -470,6 +470,11 @@ class HashTable:
     keys = jnp.asarray(keys)
     if keys.ndim != 1:
       raise ValueError(f"HashTable.{method}: keys must be one-dimensional [N], got shape {keys.shape}")
+    if keys.shape[0] > _MAX_CAPACITY:
+      raise ValueError(
+        f"HashTable.{method}: {keys.shape[0]} keys in one call; keys are numbered with int32 (at most "
+        f"{_MAX_CAPACITY} per call): pass them in chunks"
+      )
     return keys
 
   def _checked_values(self, values: Any, keys: jax.Array, method: str) -> jax.Array:

@@ -59,7 +59,8 @@ def pack(
   Args:
     batch: int32 ``[...]`` batch indices.
     coords: int32 ``[..., ndim]`` coordinates.
-    valid: bool ``[...]``; invalid sites get the sentinel key.
+    valid: bool ``[...]``; invalid sites get the sentinel key, and so do sites with a batch index
+      or coordinate outside ``[0, radix)`` (which would alias another site's key).
     radices: from :func:`key_radices`.
 
   Returns:
@@ -70,10 +71,11 @@ def pack(
   for group in radices:
     word = jnp.zeros_like(batch)
     for radix in group:
+      valid = valid & (columns[col] >= 0) & (columns[col] < radix)
       word = word * radix + columns[col]
       col += 1
-    words.append(jnp.where(valid, word, INT32_MAX))
-  return tuple(words)
+    words.append(word)
+  return tuple(jnp.where(valid, word, INT32_MAX) for word in words)
 
 
 def pack_indices(indices: jax.Array, radices: tuple[tuple[int, ...], ...]) -> Words:
@@ -89,8 +91,12 @@ class SortedKeys(NamedTuple):
 
 
 def sort_keys(words: Words) -> SortedKeys:
-  """Stable sort of ``[N]`` key words; equal keys keep their row order."""
-  iota = lax.iota(jnp.int32, words[0].shape[0])
+  """Stable sort of ``[N]`` key words (``N < 2**31``: int32 row numbers); equal keys keep their
+  row order."""
+  n = words[0].shape[0]
+  if n > INT32_MAX:
+    raise ValueError(f"sort_keys: {n} keys, but rows are numbered with int32 (at most 2**31 - 1)")
+  iota = lax.iota(jnp.int32, n)
   *sorted_words, order = lax.sort((*words, iota), num_keys=len(words), is_stable=True)
   return SortedKeys(tuple(sorted_words), order)
 
@@ -122,7 +128,7 @@ def lookup(table: SortedKeys, query: Words) -> jax.Array:
 
   def bisect(_, bounds):  # lower bound: first position whose key is not less than the query
     lo, hi = bounds
-    mid = (lo + hi) // 2
+    mid = lo + (hi - lo) // 2  # (lo + hi) // 2 would wrap int32 beyond 2**30 rows
     go_right = _lex_less(tuple(w[mid] for w in table.words), query) & (lo < hi)
     return jnp.where(go_right, mid + 1, lo), jnp.where(go_right | (lo >= hi), hi, mid)
 

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jsparse import _ffi
 from jsparse.ops import _backend, _keys
@@ -64,6 +65,15 @@ class MapSpec:
         f"stride={self.stride}, padding={self.padding}, dilation={self.dilation} over "
         f"spatial_shape={self.in_spatial_shape} would be empty ({self.out_spatial_shape})"
       )
+    axes = zip(self.in_spatial_shape, self.out_spatial_shape, self.kernel_size, self.stride, self.padding)
+    for axis, (n, m, k, s, p) in enumerate(axes):
+      reach = max(n, m) * s + p + self.dilation[axis] * (k - 1)  # bounds every coordinate computed
+      if reach > _keys.INT32_MAX:
+        raise ValueError(
+          f"axis {axis} of a {self.kind} map over spatial_shape={self.in_spatial_shape} (output "
+          f"{self.out_spatial_shape}): coordinates are int32, so max(in, out) * stride + padding + "
+          f"dilation * (kernel_size - 1) = {reach} must stay below 2**31; use a coarser grid"
+        )
 
   @property
   def kernel_volume(self) -> int:
@@ -169,7 +179,8 @@ class IndicePairs:
 
 
 def _tap_sources(spec: MapSpec, out_coords: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Input coordinates ``[N, K, ndim]`` read by each output through each tap, and validity."""
+  """Input coordinates ``[N, K, ndim]`` read by each output through each tap, and validity (none
+  from an output outside the grid, whose arithmetic could wrap int32 into it)."""
   q = out_coords[:, None, :]
   k = jnp.asarray(spec.offsets)[None]
   stride, pad, dil = (
@@ -182,11 +193,12 @@ def _tap_sources(spec: MapSpec, out_coords: jax.Array) -> tuple[jax.Array, jax.A
   else:
     p = q * stride - pad + k * dil
     valid = jnp.ones(p.shape[:-1], bool)
-  return p, valid & _keys.in_grid(p, spec.in_spatial_shape)
+  return p, valid & _keys.in_grid(q, spec.out_spatial_shape) & _keys.in_grid(p, spec.in_spatial_shape)
 
 
 def _tap_targets(spec: MapSpec, in_coords: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Output coordinates ``[N, K, ndim]`` that each input reaches through each tap, and validity."""
+  """Output coordinates ``[N, K, ndim]`` that each input reaches through each tap, and validity
+  (none from an input outside the grid, whose arithmetic could wrap int32 into it)."""
   p = in_coords[:, None, :]
   k = jnp.asarray(spec.offsets)[None]
   stride, pad, dil = (
@@ -199,7 +211,7 @@ def _tap_targets(spec: MapSpec, in_coords: jax.Array) -> tuple[jax.Array, jax.Ar
     numerator = p + pad - k * dil
     q = numerator // stride
     valid = jnp.all(numerator % stride == 0, axis=-1)
-  return q, valid & _keys.in_grid(q, spec.out_spatial_shape)
+  return q, valid & _keys.in_grid(p, spec.in_spatial_shape) & _keys.in_grid(q, spec.out_spatial_shape)
 
 
 def _neighbors(spec: MapSpec, batch_size: int, in_indices, out_indices) -> jax.Array:
@@ -218,6 +230,24 @@ def _transpose(nbr: jax.Array, in_capacity: int) -> jax.Array:
   rows = jnp.where(nbr >= 0, nbr, in_capacity)  # out of bounds: dropped
   nbr_t = jnp.full((in_capacity, nbr.shape[1]), -1, jnp.int32)
   return nbr_t.at[rows, taps].set(out_rows, mode="drop")
+
+
+def _check_sizes(op: str, spec: MapSpec, in_rows: int, out_rows: int, candidates: bool) -> None:
+  """Trace-time limits of the map builders, raised before anything runs on either backend: rows
+  are numbered with int32 (``nbr`` holds input rows, ``nbr_t`` output rows), and a map that creates
+  sites numbers its ``in_rows x K`` candidate (input row, tap) pairs with 32 bits."""
+  for what, rows in (("input", in_rows), ("output", out_rows)):
+    if rows > _keys.INT32_MAX:
+      raise ValueError(
+        f"{op}: {rows} {what} rows; kernel maps number rows with int32 (at most 2**31 - 1): "
+        "use a smaller capacity or batch"
+      )
+  if candidates and in_rows * spec.kernel_volume >= 2**32:
+    raise ValueError(
+      f"{op}: {in_rows} input rows x {spec.kernel_volume} kernel taps = "
+      f"{in_rows * spec.kernel_volume} candidate pairs; a {spec.kind} map numbers them with 32 bits "
+      "(fewer than 2**32): use a smaller input capacity or batch, or split the scene"
+    )
 
 
 def _geometry_attrs(spec: MapSpec, batch_size: int) -> dict[str, Any]:
@@ -241,13 +271,19 @@ def _output_sites_reference(indices, spec, batch_size, capacity):
   valid = valid & (batch >= 0)
   radices = _keys.key_radices(batch_size, spec.out_spatial_shape)
   words = tuple(w.reshape(-1) for w in _keys.pack(batch, q, valid, radices))
-  table = _keys.sort_keys(words)
-  first = _keys.first_of_runs(table.words)
-  slot = jnp.where(first, jnp.cumsum(first) - 1, capacity)  # capacity: dropped
+  # The N x K < 2**32 candidates are numbered, ranked and gathered in uint32: int32 would wrap
+  # past 2**31 of them (and jnp indexing would narrow the numbers to int32: lax.gather does not).
+  *sorted_words, order = lax.sort((*words, lax.iota(jnp.uint32, batch.size)), num_keys=len(words))
+  first = _keys.first_of_runs(tuple(sorted_words))
+  rank = jnp.cumsum(first, dtype=jnp.uint32)  # distinct sites so far
+  slot = jnp.where(first & (rank <= capacity), rank - 1, capacity).astype(jnp.int32)  # capacity: dropped
   candidates = jnp.concatenate([batch[..., None], q], axis=-1).reshape(batch.size, 1 + q.shape[-1])
+  rows = lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,))
+  sites = lax.gather(candidates, order[:, None], rows, (1, candidates.shape[1]), mode="promise_in_bounds")
   out = jnp.full((capacity, candidates.shape[1]), -1, jnp.int32)
-  out = out.at[slot].set(candidates[table.order], mode="drop")
-  return out, jnp.sum(first, dtype=jnp.int32)
+  out = out.at[slot].set(sites, mode="drop")
+  num_out = jnp.minimum(jnp.sum(first, dtype=jnp.uint32), _keys.INT32_MAX)  # as the FFI kernels clamp
+  return out, num_out.astype(jnp.int32)
 
 
 def _output_sites(
@@ -265,6 +301,7 @@ def _output_sites(
     ``(out_indices int32 [capacity, 1 + ndim], num_out int32 [])``: the first ``capacity`` sites
     (padding rows -1) and the number of sites that exist.
   """
+  _check_sizes("output_sites", spec, indices.shape[0], capacity, candidates=True)
   outputs = (
     jax.ShapeDtypeStruct((capacity, indices.shape[1]), jnp.int32),
     jax.ShapeDtypeStruct((), jnp.int32),
@@ -316,12 +353,14 @@ def _map_for_outputs(
   with its taps reversed (only :func:`build_map`'s submanifold maps, whose outputs are the inputs,
   can drop it).
   """
+  _check_sizes("map_for_outputs", spec, indices.shape[0], out_indices.shape[0], candidates=False)
   nbr, nbr_t = _map_arrays(spec, batch_size, indices, out_indices, True, False)
   return IndicePairs(nbr, nbr_t, indices, out_indices, num_out, spec, batch_size)
 
 
 def _subm_map(indices: jax.Array, spec: MapSpec, batch_size: int) -> IndicePairs:
   """The submanifold map of ``spec`` over ``indices``: outputs are the input rows."""
+  _check_sizes("build_map", spec, indices.shape[0], indices.shape[0], candidates=False)
   odd = all(k % 2 == 1 for k in spec.kernel_size)
   nbr, nbr_t = _map_arrays(spec, batch_size, indices, indices, not odd, odd)
   num_out = jnp.sum(indices[:, 0] >= 0, dtype=jnp.int32)
@@ -334,6 +373,7 @@ def _created_map(indices: jax.Array, spec: MapSpec, batch_size: int, capacity: i
   Equals :func:`output_sites` followed by :func:`map_for_outputs`; the FFI kernel builds all of
   it in one pass (sorting candidate pairs instead of hashing the outputs a second time).
   """
+  _check_sizes("build_map", spec, indices.shape[0], capacity, candidates=True)
   k, ndim = spec.kernel_volume, len(spec.in_spatial_shape)
 
   def reference(i):
@@ -365,7 +405,9 @@ def build_map(
   """Builds the kernel map of ``spec`` over the input sites ``indices [N, 1 + ndim]``.
 
   ``out_capacity`` is ignored for ``subm`` maps (outputs are the input rows) and required for the
-  others. Jittable; use :func:`kernel_map` for spconv's eager size-to-fit behaviour.
+  others. Jittable; use :func:`kernel_map` for spconv's eager size-to-fit behaviour. Rows are
+  numbered with int32, and the other kinds number ``N x K`` candidate pairs with 32 bits: ``N``
+  and ``out_capacity`` above ``2**31 - 1``, or ``N x K >= 2**32``, raise ValueError when traced.
   """
   if spec.kind == "subm":
     return subm_map(indices, spec, batch_size)

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jsparse import _ffi
@@ -255,6 +256,8 @@ def _check_global(features: jax.Array, indices: jax.Array, op: str) -> None:
     )
   if not jnp.issubdtype(features.dtype, jnp.floating):
     raise ValueError(f"{op}: features must be floating point, got {features.dtype}")
+  if features.shape[0] > np.iinfo(np.int32).max:
+    raise ValueError(f"{op}: {features.shape[0]} rows, but rows are numbered with int32 (at most 2**31 - 1)")
 
 
 def global_max_pool(features: jax.Array, indices: jax.Array, batch_size: int) -> jax.Array:

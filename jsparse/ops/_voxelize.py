@@ -269,6 +269,12 @@ def _voxelize(
     )
   if points.shape[0] >= 2**31:
     raise ValueError(f"{points.shape[0]} points are more than int32 ids reach; split the cloud")
+  if max_num_voxels * max_num_points_per_voxel >= 2**31:
+    raise ValueError(
+      f"max_num_voxels={max_num_voxels} x max_num_points_per_voxel={max_num_points_per_voxel} = "
+      f"{max_num_voxels * max_num_points_per_voxel} point slots; they are numbered with int32 (fewer "
+      "than 2**31): lower either (points past max_num_points_per_voxel still get their voxel id)"
+    )
   if num_points is None:
     num_points = points.shape[0]
   num_points = jnp.asarray(num_points, jnp.int32)

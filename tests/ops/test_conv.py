@@ -4,6 +4,7 @@ the handlers' errors."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -18,7 +19,7 @@ import dense_oracle
 import jsparse
 from jsparse import _ffi, ops
 from jsparse.tensor import kernel_map
-from sparse_data import both_backends, needs_ffi, random_sites, random_tensor
+from sparse_data import LARGE_CHANNELS, both_backends, large_scene, needs_ffi, random_sites, random_tensor
 
 ATOL = 1e-4
 MAX_EXTENT = {1: 12, 2: 7, 3: 5, 4: 4}
@@ -372,3 +373,26 @@ def test_backward_symmetric_equals_the_separate_kernels(ffi_device, dtype, c_in,
     np.testing.assert_allclose(one[1], d_kernel, rtol=1e-5, atol=1e-4)
   else:
     np.testing.assert_array_equal(np.asarray(one[1], np.float32), np.asarray(d_kernel, np.float32))
+
+
+# ---- large scenes ------------------------------------------------------------------------------------
+
+
+def test_rows_past_int32_element_offsets(ffi_device, large_memory):
+  """Rows that start past 2**31 elements (bfloat16 features [2**24 + 64, 128]): the FFI forward and
+  kernel gradient equal numpy on the 48 rows the map reads. (The reference path gathers rows with
+  XLA, see test_gather.py; its scan over taps copies the whole features, too much here. The input
+  gradient would be another 4.3 GB: the kernel gradient's target is called directly.)"""
+  rng = np.random.default_rng(5)
+  features, pairs, gathered, _ = large_scene(rng, out_rows=40, taps=4)
+  kernel = jnp.asarray(rng.standard_normal((4, LARGE_CHANNELS, 16)) / 16, jnp.bfloat16)
+  d_out = jnp.asarray(rng.standard_normal((40, 16)), jnp.bfloat16)
+  features, pairs, kernel, d_out = jax.device_put((features, pairs, kernel, d_out), ffi_device)
+  weight_grad = functools.partial(ops._conv._weight_grad, groups=1, precision=None, kernel_shape=kernel.shape)
+  with jsparse.backend("ffi"):
+    out = ops.sparse_conv(features, kernel, pairs)
+    d_kernel = jax.jit(weight_grad)(features, d_out, pairs.nbr)
+  expected = np.einsum("okc,kcd->od", gathered, np.asarray(kernel, np.float32))
+  expected_d_kernel = np.einsum("okc,od->kcd", gathered, np.asarray(d_out, np.float32))
+  for got, want in ((out, expected), (d_kernel, expected_d_kernel)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-2 * np.abs(want).max())

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jsparse import ops
+from sparse_data import LARGE_CHANNELS, LARGE_ROWS, large_scene
 
 
 def _numpy_gather(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -74,3 +75,12 @@ def test_gather_rows_transposed_gathers_its_gradient():
   )(x)
   np.testing.assert_array_equal(grad, _numpy_gather(dy, rows_t))
   np.testing.assert_allclose(grad, jax.grad(loss(lambda x: ops.gather_rows(x, jnp.asarray(rows))))(x), rtol=0)
+
+
+def test_rows_past_int32_element_offsets(large_memory):
+  """XLA's gather, the reference path's way to read rows, reaches rows that start past 2**31
+  elements (bfloat16 [2**24 + 64, 128]): the same rows as numpy's indexing of the nonzero rows."""
+  features, pairs, gathered, valid = large_scene(np.random.default_rng(2), out_rows=40, taps=4)
+  got = jax.jit(ops.gather_rows)(features, pairs.nbr.reshape(-1))
+  np.testing.assert_array_equal(np.asarray(got, np.float32), gathered.reshape(-1, LARGE_CHANNELS))
+  assert valid.any() and (np.asarray(pairs.nbr) >= LARGE_ROWS - 16).any()  # rows past 2**31 elements

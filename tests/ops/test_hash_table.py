@@ -313,6 +313,12 @@ def test_methods_reject_bad_arguments():
     jax.vmap(lambda _: HashTable.create(4))(jnp.arange(2)).query(jnp.zeros(1, jnp.int32))
   with pytest.raises(ValueError, match="call it outside jax.jit"):
     jax.jit(lambda t: t.check())(table)
+  # Keys are numbered with int32: more than 2**31 - 1 in one call are refused at trace time.
+  many = jax.ShapeDtypeStruct((2**31,), jnp.int32)
+  with pytest.raises(ValueError, match=r"query: 2147483648 keys in one call; .* pass them in chunks"):
+    jax.eval_shape(table.query, many)
+  with pytest.raises(ValueError, match="insert_exist_keys: 2147483648 keys in one call"):
+    jax.eval_shape(lambda k: table.insert_exist_keys(k, jnp.zeros(k.shape, jnp.float32)), many)
 
 
 def test_ffi_handlers_reject_bad_operands(ffi_device):

@@ -63,16 +63,25 @@ def test_maps_are_identical(platform, case):
 
 
 def test_bad_rows_are_inactive_and_never_read(ffi_device):
-  """Out-of-grid or out-of-batch rows (possible under jit) neither crash nor produce pairs."""
-  idx = jnp.array([[0, 1, 1], [5, 0, 0], [0, 9, 2], [0, -3, 1], [-7, 1, 1], [0, 1, 2]], jnp.int32)
-  idx = jax.device_put(idx, ffi_device)
-  for kind in ("subm", "conv"):
-    spec = ops.make_spec(kind, (4, 4), 3, 1, 1)
-    with jsparse.backend("ffi"):
-      pairs = jax.jit(lambda i, s=spec: ops.build_map(i, s, 1, 8))(idx)
-    nbr = np.asarray(pairs.nbr)
-    assert nbr.min() >= -1 and nbr.max() < idx.shape[0]
-    assert not np.isin(nbr, [1, 2, 3, 4]).any()  # bad rows are never anyone's source
+  """Out-of-grid or out-of-batch rows (possible under jit) neither crash nor produce pairs or sites,
+  on either backend: not even [0, 0, 5], whose packed key is that of site (1, 1), nor
+  [0, -2**31 + 1, 1], whose transposed taps reach the grid once int32 arithmetic wraps."""
+  idx = jnp.array(
+    [[0, 1, 1], [5, 0, 0], [0, 9, 2], [0, -3, 1], [-7, 1, 1], [0, 0, 5], [0, -(2**31) + 1, 1], [0, 1, 2]],
+    jnp.int32,
+  )
+  bad = [1, 2, 3, 4, 5, 6]
+  for kind in ("subm", "conv", "transpose"):
+    spec = ops.make_spec(kind, (4, 4), 3, 2 if kind == "transpose" else 1, 1)
+    pairs = both_backends(lambda i, s=spec: ops.build_map(i, s, 1, 16), idx, device=ffi_device)
+    for p in pairs:
+      nbr = np.asarray(p.nbr)
+      assert nbr.min() >= -1 and nbr.max() < idx.shape[0]
+      assert not np.isin(nbr, bad).any()  # bad rows are never anyone's source
+    np.testing.assert_array_equal(pairs[0].out_indices, pairs[1].out_indices)
+    np.testing.assert_array_equal(pairs[0].nbr, pairs[1].nbr)
+    if kind == "transpose":  # the two good rows reach 3 x 5 sites
+      assert int(pairs[0].num_out) == int(pairs[1].num_out) == 15
 
 
 def test_repeated_sites_under_jit_map_to_their_first_row(ffi_device):
@@ -134,3 +143,55 @@ def test_handlers_reject_bad_arguments():
   )
   with pytest.raises(Exception, match=r"nbr \[capacity, K\] must be int32 with K = 9"):
     build(jnp.zeros((4, 3), jnp.int32), **ops._kmap._geometry_attrs(down, 1))
+
+
+# ---- large scenes ------------------------------------------------------------------------------------
+
+
+def test_sizes_past_32_bit_numbers_are_refused_before_running(backend):
+  """Rows are numbered with int32 and a created map's N_in x K candidate pairs with 32 bits: larger
+  shapes raise at trace time, on either backend, naming the sizes (nothing is allocated here)."""
+  spec = ops.make_spec("conv", (64, 64, 64), 3, 2, 1)  # K = 27
+  many = jax.ShapeDtypeStruct((2**32 // 27 + 1, 4), jnp.int32)  # N x K just past 2**32
+  with pytest.raises(ValueError, match=r"159072863 input rows x 27 kernel taps = 4294967301 candidate"):
+    jax.eval_shape(lambda i: ops.build_map(i, spec, 1, 1024), many)
+  with pytest.raises(ValueError, match="candidate pairs"):
+    jax.eval_shape(lambda i: ops.output_sites(i, spec, 1, 1024), many)
+  few = jax.ShapeDtypeStruct((1024, 4), jnp.int32)
+  with pytest.raises(ValueError, match="2147483648 output rows"):
+    jax.eval_shape(lambda i: ops.build_map(i, spec, 1, 2**31), few)
+  rows = jax.ShapeDtypeStruct((2**31, 4), jnp.int32)
+  with pytest.raises(ValueError, match="2147483648 input rows"):
+    jax.eval_shape(lambda i: ops.build_map(i, ops.make_spec("subm", (64, 64, 64), 3), 1), rows)
+  with pytest.raises(ValueError, match="coordinates are int32"):
+    ops.make_spec("transpose", (2**29,), 3, stride=4)
+
+
+def _equations(jaxpr):
+  """The equations of ``jaxpr`` and of every jaxpr nested in it (jit, cond branches, loops)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from _equations(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _equations(sub)
+
+
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype int64")  # jnp's slice starts, at this size
+def test_reference_numbers_candidates_past_int32_in_uint32():
+  """The reference path sorts a created map's N x K candidates. Past 2**31 of them int32 numbers
+  would wrap without a word: in its traced program (running it would take tens of GB), every iota
+  and cumsum that long, and the indices of every gather that long, are uint32."""
+  spec = ops.make_spec("conv", (64, 64, 64), 3, 2, 1)
+  indices = jax.ShapeDtypeStruct((2**31 // 27 + 1, 4), jnp.int32)  # N x K just past 2**31
+  with jsparse.backend("reference"):
+    jaxpr = jax.make_jaxpr(lambda i: ops.build_map(i, spec, 1, 1024))(indices)
+  numbers = {}
+  for eqn in _equations(jaxpr.jaxpr):
+    if eqn.primitive.name in ("iota", "cumsum") and eqn.outvars[0].aval.size > 2**31 - 1:
+      numbers.setdefault(eqn.primitive.name, []).append(eqn.outvars[0].aval.dtype)
+    if eqn.primitive.name == "gather" and eqn.invars[1].aval.size > 2**31 - 1:
+      numbers.setdefault("gather", []).append(eqn.invars[1].aval.dtype)
+  assert numbers == {"iota": [jnp.uint32], "cumsum": [jnp.uint32], "gather": [jnp.uint32]}, numbers

@@ -12,7 +12,7 @@ import pytest
 
 import jsparse
 from jsparse import _ffi, ops
-from sparse_data import both_backends, random_sites
+from sparse_data import both_backends, large_scene, random_sites
 
 
 def _pool_problem(dtype, pool: str, sites: int = 120, channels: int = 6, seed: int = 11):
@@ -89,3 +89,29 @@ def test_handlers_reject_bad_arguments(ffi_device):
   message = r"jsparse_pool_avg_grad: scaled d_out \(d_out / counts\) must be float32"
   with pytest.raises(Exception, match=message):
     jax.block_until_ready(avg_grad(features.astype(jnp.bfloat16), nbr))
+
+
+def test_rows_past_int32_element_offsets(ffi_device, large_memory):
+  """Rows that start past 2**31 elements (bfloat16 features [2**24 + 64, 128]): the FFI max and
+  average pools equal numpy on the 48 rows the map reads. (The reference path gathers rows with
+  XLA, see test_gather.py; its scan over taps copies the whole features, too much here.)"""
+  features, pairs, gathered, valid = large_scene(np.random.default_rng(4), out_rows=40, taps=4)
+  features, pairs = jax.device_put((features, pairs), ffi_device)
+  with jsparse.backend("ffi"):
+    max_out, avg_out = ops.sparse_max_pool(features, pairs), ops.sparse_avg_pool(features, pairs)
+  best = np.where(valid[..., None], gathered, -np.inf).max(axis=1)
+  np.testing.assert_array_equal(
+    np.asarray(max_out, np.float32), np.where(valid.any(axis=1)[:, None], best, 0)
+  )
+  mean = gathered.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)[:, None]
+  np.testing.assert_allclose(np.asarray(avg_out, np.float32), mean, rtol=1e-2, atol=1e-2)
+
+
+def test_global_pools_refuse_rows_past_int32_before_running():
+  """The global max pool numbers rows with int32 (its gradient goes to the first maximum): more
+  than 2**31 - 1 rows raise at trace time (nothing is allocated here)."""
+  features = jax.ShapeDtypeStruct((2**31, 1), jnp.bfloat16)
+  indices = jax.ShapeDtypeStruct((2**31, 2), jnp.int32)
+  for pool in (ops.global_max_pool, ops.global_avg_pool):
+    with pytest.raises(ValueError, match=r"2147483648 rows, but rows are numbered with int32"):
+      jax.eval_shape(lambda f, i, pool=pool: pool(f, i, 2), features, indices)

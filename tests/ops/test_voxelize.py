@@ -310,6 +310,13 @@ def test_validation_errors():
     ops.voxelize(jnp.zeros((4, 2), jnp.float32), **good, **sizes)
   with pytest.raises(ValueError, match=">= 1"):
     ops.voxelize(points, **good, max_num_voxels=0, max_num_points_per_voxel=2)
+  # Point slots are numbered with int32: refused at trace time, before any [V, M, F] is allocated.
+  with pytest.raises(
+    ValueError, match=r"max_num_voxels=2097152 x max_num_points_per_voxel=1024 = 2147483648"
+  ):
+    jax.eval_shape(
+      lambda p: ops.voxelize(p, **good, max_num_voxels=2**21, max_num_points_per_voxel=2**10), points
+    )
 
 
 def _handler(max_voxels, max_points, features, num_points, ndim, reuse=False):

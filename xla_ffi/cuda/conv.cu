@@ -238,10 +238,14 @@ ffi::Error WeightGrad(const std::string& op, cudaStream_t stream, ffi::ScratchAl
   return ffi::Error::Success();
 }
 
-// Grid limits: groups and taps x groups index grid dimensions y and z.
+// Grid limits (65535 blocks along y and z): groups and taps x groups index grid dimensions z and
+// y, and a group's output channels (b, or a for the input gradient) in tiles of up to 64 index y.
 std::string CheckGrid(const std::string& op, const ConvDims& d) {
   if (d.groups > 65535 || d.taps * d.groups > 65535) {
     return op + "K x groups must stay below 65536 on CUDA";
+  }
+  if ((std::max(d.a, d.b) + 63) / 64 > 65535) {
+    return op + "C_in // groups and C_out // groups must stay below 65535 x 64 = 4194240 on CUDA";
   }
   return {};
 }
