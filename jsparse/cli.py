@@ -8,7 +8,9 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -30,8 +32,17 @@ def voxelize_file(
   max_points: int = 5,
 ) -> dict:
   """``jsparse voxelize``: reads a point cloud, runs ``PointToVoxel.generate_voxel_with_id`` and
-  saves its outputs (voxels, coords zyx, num_points_per_voxel, pc_voxel_id) to ``out`` (.npz)."""
-  points = read_points(path, num_features)
+  saves its outputs (voxels, coords zyx, num_points_per_voxel, pc_voxel_id) to ``out`` (.npz).
+
+  What ``read_points`` warns about (a raw .bin whose values look misread with ``num_features``
+  columns) goes to stderr as ``jsparse voxelize: warning: ...`` lines and into the summary's
+  ``"warnings"``; the voxels are still written."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", UserWarning)
+    points = read_points(path, num_features)
+  notes = [str(w.message).replace("num_features=", "--num-features ") for w in caught]
+  for note in notes:
+    print(f"jsparse voxelize: warning: {note}", file=sys.stderr, flush=True)
   if points.shape[1] < 3:
     raise ValueError(f"{path}: points need x, y, z columns, got {points.shape[1]} columns")
   size = [float(v) for v in voxel_size] * (3 if len(voxel_size) == 1 else 1)
@@ -69,6 +80,7 @@ def voxelize_file(
     "seconds": seconds,
     "compile_seconds": compiled - start,
     "out": str(out),
+    "warnings": notes,
   }
 
 

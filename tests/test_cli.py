@@ -61,3 +61,19 @@ def test_voxelize_command_reports_voxel_overflow_and_bad_input(tmp_path, capsys)
   with pytest.raises(SystemExit):
     cli.main(["voxelize", str(source), "--num-features", "4", "--voxel-size", "1", "2", "--out", str(out)])
   assert "--voxel-size takes 1 (cubic) or 3 values" in capsys.readouterr().err
+
+
+def test_voxelize_command_warns_when_num_features_looks_wrong(scans, tmp_path, capsys):
+  # Issue 18: the 5-column nuScenes sweep with --num-features 4 reads as 43,360 rows of 4 values of
+  # mixed columns. read_points warns (its values line up at a stride of 5); the command prints the
+  # warning and still voxelizes.
+  sweep = scans / "nuscenes_lidar_top.bin"
+  args = ["voxelize", str(sweep), "--voxel-size", "1", "--out", str(tmp_path / "v.npz"), "--num-features"]
+  cli.main([*args, "4"])
+  captured = capsys.readouterr()
+  assert f"jsparse voxelize: warning: {sweep}: read with --num-features 4, its values line up" in captured.err
+  assert "pass --num-features 5 (4 for KITTI" in captured.err
+  assert f"{sweep}: 43360 points read" in captured.out
+  cli.main([*args, "5"])
+  captured = capsys.readouterr()
+  assert captured.err == "" and f"{sweep}: 34688 points read" in captured.out

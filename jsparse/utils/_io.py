@@ -2,14 +2,23 @@
 
 Every reader returns float32 ``[P, F]`` (the dtype the voxelizer and the layers take). Only numpy is
 imported here: plyfile (.ply) and laspy (.las, .laz) are imported when such a file is read.
+
+Files are untrusted input: each reader checks what a header claims (a point count, an array shape, a
+decompressed size) against the size of the file before it allocates for it, and a truncated, corrupt or
+hostile file raises a ValueError that names it, never another error, a hang or a huge allocation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import pathlib
+import struct
+import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -21,11 +30,30 @@ NAMED_SUFFIXES = (".ply", ".pcd", ".las", ".laz")  # formats whose columns have 
 # sweep whose point count is a multiple of 4, like the demo sweep, also reads as rows of 4), hence no
 # default for ``num_features``.
 BIN_LAYOUTS = "4 for KITTI (x, y, z, intensity), 5 for nuScenes sweeps (x, y, z, intensity, ring)"
+# A .bin read with a plausible num_features has few coordinates beyond this (metres) or non-finite ones.
+ABSURD_COORDINATE = 1e4
 
 PCD_TYPES = {("F", 2), ("F", 4), ("F", 8), ("I", 1), ("I", 2), ("I", 4), ("I", 8)}
 PCD_TYPES |= {("U", 1), ("U", 2), ("U", 4), ("U", 8)}
 PCD_KEYS = ("VERSION", "FIELDS", "SIZE", "TYPE", "COUNT", "WIDTH", "HEIGHT", "VIEWPOINT", "POINTS", "DATA")
 PCD_ENCODINGS = ("ascii", "binary", "binary_compressed")
+
+# PLY property types (plyfile also takes numpy's codes) as numpy codes.
+PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2"}
+PLY_TYPES |= {"ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4"}
+PLY_TYPES |= {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "b1": "u1"}
+PLY_TYPES |= {code: code for code in ("i1", "u1", "i2", "u2", "i4", "u4", "f4", "f8")}
+PLY_FORMATS = {"ascii": "=", "binary_little_endian": "<", "binary_big_endian": ">"}
+PLY_STRUCT = {"i1": "b", "u1": "B", "i2": "h", "u2": "H", "i4": "i", "u4": "I", "f4": "f", "f8": "d"}
+PLY_MAX_HEADER = 1 << 20  # bytes
+
+# Bounds on what a compressed file may claim to expand to. np.savez_compressed (deflate) stores float
+# points 1-3x smaller and deflate cannot exceed ~1,032x; LAZ stores identical points ~2,800x smaller.
+NPZ_MAX_RATIO = 100
+NPZ_UNCHECKED_BYTES = 1 << 26  # .npz members up to 64 MiB decompressed skip the ratio check
+LAZ_MAX_RATIO = 10_000
+LAS_CHUNK_POINTS = 1 << 20  # .las / .laz points decoded at a time
+LAS_VLR_HEADER = 54  # bytes
 
 
 def read_points(
@@ -38,10 +66,11 @@ def read_points(
   """Reads a point cloud file into a float32 ``[P, F]`` array, by its suffix.
 
   - ``.bin``: raw little-endian float32 (KITTI, nuScenes), ``num_features`` columns.
-  - ``.npy``, ``.npz``: a 2-D numeric array; in an ``.npz``, ``key``, else ``"points"``, else the only
-    array.
+  - ``.npy``, ``.npz``: a 2-D numeric array of at least 3 columns (x, y, z first); in an ``.npz``,
+    ``key``, else ``"points"``, else the only array. Pickled (object) arrays are refused.
   - ``.ply`` (needs ``plyfile``): the ``vertex`` element's scalar properties, x, y, z first, then the
-    others in file order.
+    others in file order. Binary files are read with numpy once the header's counts are checked (the
+    elements after ``vertex``, such as faces, are not read); ascii files with plyfile.
   - ``.pcd`` (PCL; DATA ascii, binary or binary_compressed): the FIELDS in file order, a field with
     COUNT c giving c columns; padding fields named ``_`` are left out. Organized clouds
     (HEIGHT > 1) are flattened row by row; NaN points are kept (the voxelizer drops them) and
@@ -63,9 +92,16 @@ def read_points(
 
   Raises:
     FileNotFoundError: no file at ``path``.
-    ValueError: an unknown suffix, a file that is truncated or not of its format, a size or column
-      count that does not match ``num_features``, a missing ``key`` or field.
+    ValueError: an unknown suffix; a file that is truncated, corrupt or not of its format, or whose
+      header claims more points than the file holds; a size or column count that does not match
+      ``num_features``; a missing ``key`` or field. The message names the file.
     ImportError: plyfile or laspy is needed and not installed.
+
+  Warns:
+    UserWarning: a ``.bin`` whose values look misread with ``num_features`` columns: many non-finite
+      or absurd (beyond 1e4 m) coordinates, or values in scan order that line up with another column
+      count (a nuScenes sweep read with 4 columns). A file in no particular order, or read with a
+      multiple of its column count (8 for KITTI), cannot be told from a right one.
 
   >>> import pathlib, tempfile
   >>> points = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -92,9 +128,15 @@ def read_points(
       f"index the result instead (fields works for {', '.join(NAMED_SUFFIXES)})"
     )
   if suffix == ".bin":
-    return _read_bin(path, num_features)
-  if suffix in (".npy", ".npz"):
-    points = _read_numpy(path, key)
+    points = _read_bin(path, num_features)
+    doubt = _bin_doubt(path, points)
+    if doubt is not None:
+      warnings.warn(doubt, UserWarning, stacklevel=2)
+    return points
+  if suffix == ".npy":
+    points = _read_npy(path)
+  elif suffix == ".npz":
+    points = _read_npz(path, key)
   elif suffix == ".ply":
     points = _read_ply(path, fields)
   elif suffix == ".pcd":
@@ -153,7 +195,8 @@ def _as_points(array: np.ndarray, what: str) -> np.ndarray:
   """float32 ``[P, F]`` from a 2-D real array, or a ValueError naming ``what``."""
   if array.ndim != 2 or array.dtype.kind not in "biuf":
     raise ValueError(f"{what} must be a 2-D real array [P, F], got {array.dtype} {array.shape}")
-  return np.ascontiguousarray(array, dtype=np.float32)
+  with np.errstate(over="ignore"):  # beyond float32's range: inf
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _field_names(path: pathlib.Path, num_columns: int, fields: Sequence[str] | None) -> list[str]:
@@ -182,66 +225,8 @@ def _select(path: pathlib.Path, columns: dict[str, np.ndarray], fields: Sequence
     raise ValueError(f"{path}: no columns selected (fields={fields!r})")
   parts = [np.asarray(columns[name]) for name in names]
   parts = [part if part.ndim == 2 else part[:, None] for part in parts]
-  return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
-
-
-def _read_bin(path: pathlib.Path, num_features: int | None) -> np.ndarray:
-  if num_features is None:
-    raise ValueError(
-      f"{path}: a raw .bin file does not record its column count: pass num_features ({BIN_LAYOUTS})"
-    )
-  if not isinstance(num_features, int | np.integer) or num_features < 1:
-    raise ValueError(f"{path}: num_features must be a positive int, got {num_features!r}")
-  size = path.stat().st_size
-  if size % (4 * num_features):
-    fits = [f for f in range(3, 9) if size % (4 * f) == 0]
-    raise ValueError(
-      f"{path}: {size} bytes is not a whole number of points of num_features={num_features} float32 "
-      f"columns ({4 * num_features} bytes each); counts that fit: {fits or 'none (truncated file?)'}. "
-      f"KITTI scans have num_features=4, nuScenes sweeps num_features=5"
-    )
-  return np.fromfile(path, "<f4").astype(np.float32, copy=False).reshape(-1, num_features)
-
-
-def _read_numpy(path: pathlib.Path, key: str | None) -> np.ndarray:
-  try:
-    loaded = np.load(path, allow_pickle=False)
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # a truncated or non-numpy file
-    raise ValueError(f"{path}: not a readable {path.suffix} file ({e})") from e
-  if isinstance(loaded, np.ndarray):
-    return _as_points(loaded, str(path))
-  with loaded:
-    keys = list(loaded.keys())
-    if key is None:
-      if "points" in keys or len(keys) != 1:
-        key = "points"
-      else:
-        (key,) = keys
-    if key not in keys:
-      raise ValueError(f"{path}: no array {key!r}; pass key= one of {keys}")
-    try:
-      array = loaded[key]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # a damaged member, or pickled
-      raise ValueError(f"{path}: array {key!r} is unreadable ({e})") from e
-  return _as_points(array, f"{path}[{key!r}]")
-
-
-def _read_ply(path: pathlib.Path, fields: Sequence[str] | None) -> np.ndarray:
-  try:
-    import plyfile
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs plyfile: pip install plyfile (or 'jsparse[io]')") from e
-  try:
-    ply = plyfile.PlyData.read(str(path), mmap=False)
-  except (plyfile.PlyParseError, ValueError, EOFError) as e:
-    raise ValueError(f"{path}: not a readable PLY file ({e})") from e
-  if "vertex" not in ply:
-    raise ValueError(f"{path}: no 'vertex' element; it has {[el.name for el in ply.elements]}")
-  vertex = ply["vertex"]
-  # List properties (e.g. a face's vertex_indices) have no single column.
-  names = [p.name for p in vertex.properties if not isinstance(p, plyfile.PlyListProperty)]
-  names = [n for n in ("x", "y", "z") if n in names] + [n for n in names if n not in ("x", "y", "z")]
-  return _select(path, {name: vertex[name] for name in names}, fields)
+  with np.errstate(over="ignore"):  # beyond float32's range: inf
+    return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
 
 
 def _write_ply(path: pathlib.Path, points: np.ndarray, fields: list[str], binary: bool) -> None:
@@ -254,203 +239,6 @@ def _write_ply(path: pathlib.Path, points: np.ndarray, fields: list[str], binary
     vertex[name] = points[:, i]
   element = plyfile.PlyElement.describe(vertex, "vertex")
   plyfile.PlyData([element], text=not binary, byte_order="<").write(str(path))
-
-
-def _read_las(path: pathlib.Path, fields: Sequence[str] | None) -> np.ndarray:
-  try:
-    import laspy
-  except ImportError as e:
-    raise ImportError(
-      f"reading {path} needs laspy: pip install 'laspy[lazrs]' (or 'jsparse[io]'); .laz also needs lazrs"
-    ) from e
-  try:
-    las = laspy.read(path)
-  except (laspy.errors.LaspyException, ValueError, EOFError) as e:
-    hint = "; .laz needs a decompressor: pip install lazrs" if path.suffix.lower() == ".laz" else ""
-    raise ValueError(f"{path}: not a readable LAS file ({e}){hint}") from e
-  # Lower-case names are the scaled coordinates (x) where upper-case ones are the stored integers (X).
-  names = ["x", "y", "z", "intensity"] if fields is None else list(fields)
-  available = ["x", "y", "z", *las.point_format.dimension_names]
-  missing = [name for name in names if name not in available]
-  if missing:
-    raise ValueError(f"{path}: no field {', '.join(map(repr, missing))}; it has {', '.join(available)}")
-  return _select(path, {name: np.asarray(las[name]) for name in names}, names)
-
-
-def _parse_pcd_header(path: pathlib.Path, data: bytes) -> tuple[dict[str, list[str]], int]:
-  """The header's ``{KEY: values}`` and the offset where the points start."""
-  header: dict[str, list[str]] = {}
-  start = 0
-  while "DATA" not in header:
-    end = data.find(b"\n", start)
-    end = len(data) if end < 0 else end
-    if start >= len(data):
-      raise ValueError(f"{path}: the PCD header ends without a DATA line (truncated, or not a PCD file)")
-    try:
-      line = data[start:end].decode("ascii").strip()
-    except UnicodeDecodeError:
-      raise ValueError(f"{path}: not a PCD file (binary bytes before the DATA line)") from None
-    start = end + 1
-    if not line or line.startswith("#"):
-      continue
-    name, *values = line.split()
-    if name not in PCD_KEYS:
-      raise ValueError(f"{path}: not a PCD header line: {line[:80]!r} (keys are {', '.join(PCD_KEYS)})")
-    header[name] = values
-  return header, min(start, len(data))
-
-
-def _pcd_ints(path: pathlib.Path, header: dict[str, list[str]], key: str) -> list[int]:
-  try:
-    values = [int(v) for v in header[key]]
-  except KeyError:
-    raise ValueError(f"{path}: the PCD header has no {key} line") from None
-  except ValueError:
-    raise ValueError(f"{path}: PCD {key} must be integers, got {' '.join(header[key])}") from None
-  if any(v < 0 for v in values):
-    raise ValueError(f"{path}: PCD {key} must not be negative, got {' '.join(header[key])}")
-  return values
-
-
-def _read_pcd(path: pathlib.Path, fields: Sequence[str] | None) -> np.ndarray:
-  data = path.read_bytes()
-  header, offset = _parse_pcd_header(path, data)
-  names = header.get("FIELDS", [])
-  sizes = _pcd_ints(path, header, "SIZE")
-  types = header.get("TYPE", [])
-  counts = _pcd_ints(path, header, "COUNT") if "COUNT" in header else [1] * len(names)
-  if not names or not (len(names) == len(sizes) == len(types) == len(counts)):
-    raise ValueError(
-      f"{path}: PCD FIELDS, SIZE, TYPE and COUNT need one entry per field, got "
-      f"{len(names)}, {len(sizes)}, {len(types)}, {len(counts)}"
-    )
-  repeated = sorted({name for name in names if name != "_" and names.count(name) > 1})
-  if repeated:
-    raise ValueError(f"{path}: PCD FIELDS repeats {', '.join(repeated)} (only padding '_' may repeat)")
-  for name, t, size in zip(names, types, sizes):
-    if (t, size) not in PCD_TYPES:
-      raise ValueError(
-        f"{path}: PCD field {name!r} has TYPE {t} SIZE {size}; F takes 2, 4, 8, I and U 1, 2, 4, 8"
-      )
-  width = _pcd_ints(path, header, "WIDTH")[0] if header.get("WIDTH") else None
-  height = _pcd_ints(path, header, "HEIGHT")[0] if header.get("HEIGHT") else 1
-  if header.get("POINTS"):
-    num_points = _pcd_ints(path, header, "POINTS")[0]
-  elif width is not None:
-    num_points = width * height
-  else:
-    raise ValueError(f"{path}: the PCD header has neither POINTS nor WIDTH")
-  if width is not None and num_points != width * height:
-    raise ValueError(f"{path}: PCD POINTS {num_points} is not WIDTH {width} x HEIGHT {height}")
-  encoding = header["DATA"][0].lower() if header["DATA"] else ""
-  if encoding not in PCD_ENCODINGS:
-    raise ValueError(f"{path}: PCD DATA {encoding!r} is not one of {', '.join(PCD_ENCODINGS)}")
-
-  # Padding fields may repeat the name "_", so the record dtype uses positional names.
-  dtypes = [np.dtype(f"<{t.lower()}{size}") for t, size in zip(types, sizes)]
-  if encoding == "ascii":
-    values = _pcd_ascii(path, data[offset:], num_points * sum(counts))
-    parts = np.split(values.reshape(num_points, sum(counts)), np.cumsum(counts)[:-1], axis=1)
-  elif encoding == "binary":
-    record = np.dtype([(f"c{i}", dt, (c,)) for i, (dt, c) in enumerate(zip(dtypes, counts))])
-    if len(data) - offset < num_points * record.itemsize:
-      raise ValueError(
-        f"{path}: PCD binary data is {len(data) - offset} bytes, {num_points} points x "
-        f"{record.itemsize} bytes = {num_points * record.itemsize} expected (truncated file?)"
-      )
-    rows = np.frombuffer(data, record, num_points, offset)
-    parts = [rows[f"c{i}"] for i in range(len(names))]
-  else:
-    raw = _pcd_decompress(path, data[offset:]) if num_points else b""
-    # Compressed PCD stores each field for all points, then the next field (structure of arrays),
-    # and PCL leaves the padding fields "_" out of it.
-    stored = [(dt, c) for name, dt, c in zip(names, dtypes, counts) if name != "_"]
-    expected = num_points * sum(dt.itemsize * c for dt, c in stored)
-    if len(raw) != expected:
-      raise ValueError(
-        f"{path}: PCD binary_compressed data holds {len(raw)} bytes, {num_points} points need {expected}"
-      )
-    parts, start = [], 0
-    for dt, c in stored:
-      parts.append(np.frombuffer(raw, dt, num_points * c, start).reshape(num_points, c))
-      start += num_points * c * dt.itemsize
-    names = [name for name in names if name != "_"]
-  columns = {name: part for name, part in zip(names, parts) if name != "_"}
-  return _select(path, columns, fields)
-
-
-def _pcd_ascii(path: pathlib.Path, text: bytes, expected: int) -> np.ndarray:
-  """The whitespace-separated numbers of an ascii PCD body, float64 ``[expected]``."""
-  try:
-    values = np.array(text.split(), dtype=np.float64)
-  except ValueError as e:
-    raise ValueError(f"{path}: PCD ascii data holds a value that is not a number ({e})") from e
-  if len(values) != expected:
-    raise ValueError(
-      f"{path}: PCD ascii data holds {len(values)} values, POINTS x columns = {expected} expected "
-      "(truncated file, or FIELDS/COUNT do not match the data)"
-    )
-  return values
-
-
-def _pcd_decompress(path: pathlib.Path, body: bytes) -> bytes:
-  """The bytes of a binary_compressed PCD body: uint32 compressed and raw sizes, then LZF."""
-  if len(body) < 8:
-    raise ValueError(f"{path}: PCD binary_compressed data ends before its 8-byte size header")
-  compressed, size = (int(v) for v in np.frombuffer(body, "<u4", 2))
-  if len(body) - 8 < compressed:
-    raise ValueError(
-      f"{path}: PCD binary_compressed data is {len(body) - 8} bytes, "
-      f"its header says {compressed} (truncated?)"
-    )
-  try:
-    return _lzf_decompress(body[8 : 8 + compressed], size)
-  except ValueError as e:
-    raise ValueError(f"{path}: PCD binary_compressed data is corrupt ({e})") from e
-
-
-def _lzf_decompress(data: bytes, size: int) -> bytes:
-  """Decodes an LZF stream (liblzf's format, as PCL writes it) of ``size`` bytes.
-
-  Each token starts with a byte ``ctrl``: below 32, ``ctrl + 1`` literal bytes follow; otherwise it
-  copies ``(ctrl >> 5) + 2`` bytes (a 7 extends the length by the next byte) from
-  ``((ctrl & 31) << 8 | next byte) + 1`` bytes back in the output.
-
-  >>> _lzf_decompress(bytes([2]) + b"abc" + bytes([0x40, 2]), 7)  # "abc", then 4 bytes from 3 back
-  b'abcabca'
-  """
-  out = bytearray()
-  i, n = 0, len(data)
-  while i < n:
-    at, ctrl = i, data[i]
-    i += 1
-    if ctrl < 32:
-      if i + ctrl + 1 > n:
-        raise ValueError(f"the literal run of {ctrl + 1} bytes at byte {at} passes the end of the input")
-      out += data[i : i + ctrl + 1]
-      i += ctrl + 1
-      continue
-    length = ctrl >> 5
-    if length == 7:
-      length += data[i] if i < n else 0
-      i += 1
-    if i >= n:
-      raise ValueError("the input ends inside a back reference")
-    start = len(out) - ((ctrl & 31) << 8 | data[i]) - 1
-    i += 1
-    length += 2
-    if start < 0:
-      raise ValueError(f"the back reference at byte {at} points before the start of the output")
-    if start + length <= len(out):
-      out += out[start : start + length]
-    else:  # overlapping: the copy repeats its own output (runs)
-      for j in range(length):
-        out.append(out[start + j])
-    if len(out) > size:
-      break
-  if len(out) != size:
-    raise ValueError(f"it decodes to {len(out)} bytes, its header says {size}")
-  return bytes(out)
 
 
 def _write_pcd(path: pathlib.Path, points: np.ndarray, fields: list[str], binary: bool) -> None:
@@ -477,3 +265,558 @@ def _write_pcd(path: pathlib.Path, points: np.ndarray, fields: list[str], binary
       f.write(points.astype("<f4").tobytes())
     else:
       np.savetxt(f, points, fmt="%.9g")  # 9 significant digits read back the same float32
+
+
+@contextlib.contextmanager
+def _reading(name: object, what: str, hint: str = "") -> Iterator[None]:
+  """Turns an error of a parser that is not ours (numpy's .npy header, zipfile, plyfile, laspy, lazrs)
+  into a ValueError naming the file. On corrupt input they raise anything from EOFError and KeyError
+  to zlib.error and struct.error; the size checks made before each call rule out a MemoryError, so one
+  is not a file's fault and passes through."""
+  try:
+    yield
+  except MemoryError:
+    raise
+  except BaseException as e:  # pyo3's PanicException (a panic in lazrs) is a BaseException
+    if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+      raise
+    detail = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+    raise ValueError(f"{name}: not a readable {what} ({detail}){hint}") from e
+
+
+def _read_bin(path: pathlib.Path, num_features: int | None) -> np.ndarray:
+  if num_features is None:
+    raise ValueError(
+      f"{path}: a raw .bin file does not record its column count: pass num_features ({BIN_LAYOUTS})"
+    )
+  if not isinstance(num_features, int | np.integer) or num_features < 1:
+    raise ValueError(f"{path}: num_features must be a positive int, got {num_features!r}")
+  size = path.stat().st_size
+  if size % (4 * num_features):
+    fits = [f for f in range(3, 9) if size % (4 * f) == 0]
+    raise ValueError(
+      f"{path}: {size} bytes is not a whole number of points of num_features={num_features} float32 "
+      f"columns ({4 * num_features} bytes each); counts that fit: {fits or 'none (truncated file?)'}. "
+      f"KITTI scans have num_features=4, nuScenes sweeps num_features=5"
+    )
+  values = np.fromfile(path, "<f4")
+  if values.size * 4 != size:  # the file changed since stat
+    raise ValueError(f"{path}: read {values.size * 4} bytes of {size} (was the file being written?)")
+  return values.astype(np.float32, copy=False).reshape(-1, num_features)
+
+
+def _bin_doubt(path: pathlib.Path, points: np.ndarray) -> str | None:
+  """Why ``points`` (a raw .bin read with ``points.shape[1]`` columns) look misread, or None.
+
+  Two signs. Many non-finite or absurd coordinates: not float32 data, or a wrong column count. And a
+  wrong stride: scans store points in scan order, so a value is close to the same column's value one
+  point later; read with a wrong column count, that holds at another stride, not at ours.
+  """
+  num_points, num_features = points.shape
+  if num_points == 0:
+    return None
+  xyz = points[:, :3]
+  bad = ~np.isfinite(xyz).all(axis=1) | (np.abs(np.nan_to_num(xyz)) > ABSURD_COORDINATE).any(axis=1)
+  if bad.mean() > 0.1:
+    return (
+      f"{path}: {bad.mean():.0%} of the points read with num_features={num_features} have a non-finite "
+      f"coordinate or one beyond {ABSURD_COORDINATE:g} m: is num_features={num_features} right "
+      f"({BIN_LAYOUTS}), and does the file hold float32 values?"
+    )
+  values = points.reshape(-1)[: 1 << 16].astype(np.float64)
+
+  def change(stride: int) -> float:
+    """The median relative change between values ``stride`` apart (0: equal, 1: unrelated)."""
+    a, b = values[:-stride], values[stride:]
+    with np.errstate(invalid="ignore", over="ignore"):
+      total = np.abs(a) + np.abs(b)
+      relative = np.abs(b - a) / np.where(total > 0, total, 1.0)
+    relative = relative[np.isfinite(relative)]
+    return float(np.median(relative)) if relative.size else 0.0
+
+  if len(values) < 64 or change(num_features) < 0.5:
+    return None
+  for stride in range(3, 17):
+    if stride != num_features and points.size % stride == 0 and change(stride) < 0.15:
+      return (
+        f"{path}: read with num_features={num_features}, its values line up at a stride of {stride} "
+        f"floats instead (in scan order, each value is close to the one {stride} floats later, not "
+        f"{num_features}): the file likely holds {stride} columns; pass num_features={stride} ({BIN_LAYOUTS})"
+      )
+  return None
+
+
+def _read_npy(path: pathlib.Path) -> np.ndarray:
+  with open(path, "rb") as f:
+    return _npy_points(path, f, path.stat().st_size, ".npy file")
+
+
+def _read_npz(path: pathlib.Path, key: str | None) -> np.ndarray:
+  size = path.stat().st_size
+  with _reading(path, ".npz file"):
+    archive = zipfile.ZipFile(path)
+  with archive:
+    # np.savez names each array's member "<key>.npy"; np.load lists the keys without the suffix.
+    members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+    keys = list(members)
+    if key is None:
+      if "points" in keys or len(keys) != 1:
+        key = "points"
+      else:
+        (key,) = keys
+    if key not in members:
+      raise ValueError(f"{path}: no array {key!r}; pass key= one of {keys}")
+    info, name = members[key], f"{path}[{key!r}]"
+    if not info.filename.endswith(".npy"):
+      raise ValueError(f"{name}: the member {info.filename!r} is not an .npy array")
+    if info.compress_size > size:
+      raise ValueError(
+        f"{name}: its zip entry claims {info.compress_size} compressed bytes, the file has {size} "
+        "(truncated file?)"
+      )
+    if info.file_size > max(NPZ_UNCHECKED_BYTES, NPZ_MAX_RATIO * info.compress_size):
+      raise ValueError(
+        f"{name}: its zip entry expands {info.compress_size} compressed bytes to {info.file_size}, over "
+        f"{NPZ_MAX_RATIO}x (a zip bomb?); if you trust the file, read it with numpy.load"
+      )
+    with _reading(name, ".npy array"):
+      member = archive.open(info)
+    with member:
+      return _npy_points(name, member, info.file_size, ".npy array")
+
+
+def _npy_points(name: object, f: BinaryIO, size: int, what: str) -> np.ndarray:
+  """float32 ``[P, F]`` from the .npy stream ``f`` of ``size`` bytes; its header is checked (2-D,
+  numeric, no pickles, at least 3 columns, no more bytes than ``f`` holds) before the data is read."""
+  with _reading(name, what):
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):  # 3.0 is for structured dtypes with non-latin-1 names
+      raise ValueError(f"format version {version[0]}.{version[1]}; numeric arrays are 1.0 or 2.0")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else None
+    shape, fortran_order, dtype = (read_header or np.lib.format.read_array_header_2_0)(f)
+    start = f.tell()
+  if len(shape) != 2 or min(shape) < 0 or dtype.kind not in "biuf":  # no objects, records, strings
+    raise ValueError(f"{name} must be a 2-D real array [P, F], got {dtype} {shape}")
+  if shape[1] < 3:
+    raise ValueError(f"{name}: shape {shape} has {shape[1]} columns; points need x, y, z (at least 3)")
+  count = math.prod(shape)
+  if count * dtype.itemsize > size - start:
+    raise ValueError(
+      f"{name}: its header says {dtype} {shape}, {count * dtype.itemsize} bytes, and "
+      f"{size - start} bytes follow the header (truncated file, or a corrupt header)"
+    )
+  with _reading(name, what):
+    data = f.read(count * dtype.itemsize)
+  if len(data) != count * dtype.itemsize:
+    raise ValueError(f"{name}: {len(data)} of {count * dtype.itemsize} bytes of data (truncated file?)")
+  array = np.frombuffer(data, dtype, count)
+  array = array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
+  return _as_points(array, str(name))
+
+
+def _read_ply(path: pathlib.Path, fields: Sequence[str] | None) -> np.ndarray:
+  try:
+    import plyfile
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs plyfile: pip install plyfile (or 'jsparse[io]')") from e
+  data = path.read_bytes()
+  encoding, elements, start = _ply_header(path, data)
+  if "vertex" not in [element[0] for element in elements]:
+    raise ValueError(f"{path}: no 'vertex' element; it has {[element[0] for element in elements]}")
+  if encoding == "ascii":
+    with _reading(path, "PLY file"):
+      ply = plyfile.PlyData.read(str(path), mmap=False)
+    vertex = ply["vertex"]
+    # List properties (e.g. a face's vertex_indices) have no single column.
+    names = [p.name for p in vertex.properties if not isinstance(p, plyfile.PlyListProperty)]
+    columns = {name: vertex[name] for name in names}
+  else:
+    columns = _ply_binary_vertex(path, data, PLY_FORMATS[encoding], elements, start)
+  if not columns:
+    raise ValueError(f"{path}: the PLY 'vertex' element has no scalar properties")
+  names = [n for n in ("x", "y", "z") if n in columns] + [n for n in columns if n not in ("x", "y", "z")]
+  return _select(path, {name: columns[name] for name in names}, fields)
+
+
+def _ply_header(path: pathlib.Path, data: bytes) -> tuple[str, list, int]:
+  """A PLY header's format, elements ``[(name, count, [(property, type, list length type or None)])]``
+  and the offset of the data, the counts checked against the bytes that follow."""
+
+  def fail(reason: str) -> ValueError:
+    return ValueError(f"{path}: not a readable PLY file ({reason})")
+
+  # plyfile's rules: "ply" and a line end (LF, CR or CRLF) that all header lines share.
+  newline = next((nl for nl in (b"\r\n", b"\n", b"\r") if data.startswith(b"ply" + nl)), None)
+  if newline is None:
+    raise fail("it does not start with a 'ply' line")
+  end = data.find(newline + b"end_header" + newline, 0, PLY_MAX_HEADER)
+  if end < 0:
+    raise fail(f"no end_header line in its first {PLY_MAX_HEADER} bytes (truncated, or not PLY)")
+  try:
+    lines = data[: end + len(newline)].decode("ascii").split(newline.decode())[1:]
+  except UnicodeDecodeError:
+    raise fail("its header holds bytes that are not ASCII") from None
+  start = end + len(newline) + len(b"end_header") + len(newline)
+  encoding, elements = None, []
+  for line in lines:
+    words = line.split()
+    if not words or words[0] in ("comment", "obj_info"):
+      continue
+    if words[0] == "format" and encoding is None and not elements:
+      if len(words) != 3 or words[1] not in PLY_FORMATS or words[2] != "1.0":
+        raise fail(f"the format line {line[:80]!r} is not one of {', '.join(PLY_FORMATS)} 1.0")
+      encoding = words[1]
+    elif words[0] == "element" and encoding is not None:
+      if len(words) != 3 or not words[2].isdigit():
+        raise fail(f"the element line {line[:80]!r} is not 'element <name> <count>'")
+      elements.append((words[1], int(words[2]), []))
+    elif words[0] == "property" and elements:
+      if words[1:2] == ["list"] and len(words) == 5 and words[2] in PLY_TYPES and words[3] in PLY_TYPES:
+        elements[-1][2].append((words[4], PLY_TYPES[words[3]], PLY_TYPES[words[2]]))
+      elif len(words) == 3 and words[1] in PLY_TYPES:
+        elements[-1][2].append((words[2], PLY_TYPES[words[1]], None))
+      else:
+        raise fail(f"the property line {line[:80]!r} is not 'property <type> <name>' or a list of types")
+    else:
+      raise fail(f"unexpected header line {line[:80]!r}")
+  if encoding is None:
+    raise fail("no format line")
+  # Each row takes at least a byte (a line end in ascii): no count can loop or allocate beyond the file.
+  available, needed = len(data) - start, 0
+  for name, count, properties in elements:
+    if encoding == "ascii":  # a value and a separator per property
+      row = max(1, 2 * len(properties))
+    else:  # the scalars and the list lengths
+      row = max(1, sum(np.dtype(t if length is None else length).itemsize for _, t, length in properties))
+    needed += count * row
+    if needed > available + (encoding == "ascii"):  # the last line end may be missing
+      raise fail(
+        f"its header claims {count} {name!r} rows of at least {row} bytes, and {available} bytes follow "
+        "the header: truncated file, or a corrupt count"
+      )
+  return encoding, elements, start
+
+
+def _ply_binary_vertex(
+  path: pathlib.Path, data: bytes, order: str, elements: list, start: int
+) -> dict[str, np.ndarray]:
+  """The scalar columns of a binary PLY's vertex element. The elements before it are stepped over (row
+  by row where they hold lists) and the ones after it are not read."""
+  offset = start
+  for name, count, properties in elements:
+    scalars = [(p, t) for p, t, length in properties if length is None]
+    if len({p for p, _ in scalars}) != len(scalars):
+      raise ValueError(f"{path}: not a readable PLY file (element {name!r} repeats a property name)")
+    if all(length is None for _, _, length in properties):  # fixed-size rows
+      rows_dtype = np.dtype([(p, order + t) for p, t, _ in properties])
+      if offset + count * rows_dtype.itemsize > len(data):  # the lists before took more than their least
+        raise ValueError(f"{path}: not a readable PLY file (element {name!r} ends early: truncated?)")
+      if name == "vertex":
+        rows = np.frombuffer(data, rows_dtype, count, offset)
+        return {p: rows[p] for p, _ in scalars}
+      offset += count * rows_dtype.itemsize
+      continue
+    # Rows with lists: walk them. The header check bounds count by the file's size.
+    values: dict[str, list] = {p: [] for p, _ in scalars}
+    codes = [
+      (p, struct.Struct(order + PLY_STRUCT[length or t]), length and np.dtype(t).itemsize)
+      for p, t, length in properties
+    ]
+    for _ in range(count):
+      for p, code, item_size in codes:
+        if offset + code.size > len(data):
+          raise ValueError(f"{path}: not a readable PLY file (element {name!r} ends early: truncated?)")
+        (value,) = code.unpack_from(data, offset)
+        offset += code.size
+        if not item_size:  # a scalar
+          if name == "vertex":
+            values[p].append(value)
+        elif 0 <= value <= len(data) and value == int(value):  # a list's length
+          offset += int(value) * item_size
+        else:
+          raise ValueError(f"{path}: not a readable PLY file (element {name!r} has a list of length {value})")
+    if offset > len(data):
+      raise ValueError(f"{path}: not a readable PLY file (element {name!r} ends early: truncated?)")
+    if name == "vertex":
+      return {p: np.asarray(values[p], order + t) for p, t in scalars}
+  raise AssertionError("unreachable: the caller checked that there is a vertex element")
+
+
+def _read_las(path: pathlib.Path, fields: Sequence[str] | None) -> np.ndarray:
+  try:
+    import laspy
+  except ImportError as e:
+    raise ImportError(
+      f"reading {path} needs laspy: pip install 'laspy[lazrs]' (or 'jsparse[io]'); .laz also needs lazrs"
+    ) from e
+  missing_lazrs = path.suffix.lower() == ".laz" and not laspy.LazBackend.detect_available()
+  hint = "; .laz needs a decompressor: pip install lazrs" if missing_lazrs else ""
+  size = path.stat().st_size
+  _check_las_header(path, size)
+  # lazrs's parallel decoder allocates what a chunk table entry claims, aborting the process when it
+  # cannot (73 GB from a flipped byte); its sequential one is as fast on 2 cores and does not.
+  sequential = laspy.LazBackend.Lazrs
+  backend = sequential if sequential.is_available() else None
+  with _reading(path, "LAS file", hint):
+    reader = laspy.open(path, read_evlrs=False, laz_backend=backend)
+  with reader:
+    header = reader.header
+    # Lower-case names are the scaled coordinates (x) where upper-case ones are the stored integers (X).
+    names = ["x", "y", "z", "intensity"] if fields is None else list(fields)
+    available = ["x", "y", "z", *header.point_format.dimension_names]
+    missing = [name for name in names if name not in available]
+    if missing:
+      raise ValueError(f"{path}: no field {', '.join(map(repr, missing))}; it has {', '.join(available)}")
+    count, record = header.point_count, header.point_format.size
+    stored = size - header.offset_to_point_data
+    ratio = LAZ_MAX_RATIO if header.are_points_compressed else 1
+    if count * record > ratio * stored:
+      raise ValueError(
+        f"{path}: not a readable LAS file (its header claims {count} points of {record} bytes, and "
+        f"{stored} bytes{' of compressed points' if ratio > 1 else ''} follow the header: truncated "
+        "file, or a corrupt point count)"
+      )
+    # By chunks: memory grows with the points decoded, not with the count the header claims.
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    read = 0
+    with _reading(path, "LAS file", hint):
+      for chunk in reader.chunk_iterator(max(1, min(count, LAS_CHUNK_POINTS))):
+        read += len(chunk)
+        for name in names:
+          with np.errstate(over="ignore"):  # beyond float32's range: inf
+            parts[name].append(np.asarray(chunk[name]).astype(np.float32))
+  if read != count:
+    raise ValueError(f"{path}: not a readable LAS file (its header says {count} points, {read} were read)")
+  columns = {name: np.concatenate(p) if p else np.zeros(0, np.float32) for name, p in parts.items()}
+  return _select(path, columns, names)
+
+
+def _check_las_header(path: pathlib.Path, size: int) -> None:
+  """Checks the counts in a LAS header that laspy and lazrs trust: laspy loops over the VLR count
+  without looking for the end of the data, and lazrs allocates 16 bytes per chunk of the LAZ chunk
+  table's count (and aborts the process when it cannot)."""
+  with open(path, "rb") as f:
+    head = f.read(227)
+    if len(head) < 227 or head[:4] != b"LASF":
+      return  # laspy says what is wrong
+    header_size, offset, num_vlrs, point_format = struct.unpack_from("<HIIB", head, 94)
+    if offset > size:
+      raise ValueError(
+        f"{path}: not a readable LAS file (its header puts the points at byte {offset}, past the end "
+        f"of the file at {size}: truncated?)"
+      )
+    if num_vlrs * LAS_VLR_HEADER > max(0, offset - header_size):
+      raise ValueError(
+        f"{path}: not a readable LAS file (its header claims {num_vlrs} VLRs of at least "
+        f"{LAS_VLR_HEADER} bytes between the {header_size}-byte header and the points at byte {offset})"
+      )
+    if not point_format & 0xC0 or offset + 8 > size:  # not compressed, or lazrs finds no chunk table
+      return
+    f.seek(offset)
+    (table,) = struct.unpack("<q", f.read(8))
+    if table == -1:  # written by a streaming LASzip: the offset is in the last 8 bytes
+      f.seek(size - 8)
+      (table,) = struct.unpack("<q", f.read(8))
+    if 0 <= table <= size - 8:
+      f.seek(table)
+      _, num_chunks = struct.unpack("<II", f.read(8))
+      if num_chunks > size - offset:  # a chunk takes at least a byte
+        raise ValueError(
+          f"{path}: not a readable LAZ file (its chunk table claims {num_chunks} chunks in "
+          f"{size - offset} bytes of points)"
+        )
+
+
+def _parse_pcd_header(path: pathlib.Path, data: bytes) -> tuple[dict[str, list[str]], int]:
+  """The header's ``{KEY: values}`` and the offset where the points start."""
+  header: dict[str, list[str]] = {}
+  start = 0
+  while "DATA" not in header:  # each pass consumes a line: bounded by the file's size
+    end = data.find(b"\n", start)
+    end = len(data) if end < 0 else end
+    if start >= len(data):
+      raise ValueError(f"{path}: the PCD header ends without a DATA line (truncated, or not a PCD file)")
+    try:
+      line = data[start:end].decode("ascii").strip()
+    except UnicodeDecodeError:
+      raise ValueError(f"{path}: not a PCD file (binary bytes before the DATA line)") from None
+    start = end + 1
+    if not line or line.startswith("#"):
+      continue
+    name, *values = line.split()
+    if name not in PCD_KEYS:
+      raise ValueError(f"{path}: not a PCD header line: {line[:80]!r} (keys are {', '.join(PCD_KEYS)})")
+    header[name] = values
+  return header, min(start, len(data))
+
+
+def _pcd_ints(path: pathlib.Path, header: dict[str, list[str]], key: str) -> list[int]:
+  try:
+    values = [int(v) for v in header[key]]
+  except KeyError:
+    raise ValueError(f"{path}: the PCD header has no {key} line") from None
+  except ValueError:  # also a number of over 4300 digits
+    raise ValueError(f"{path}: PCD {key} must be integers, got {' '.join(header[key])[:80]}") from None
+  if any(v < 0 for v in values):
+    raise ValueError(f"{path}: PCD {key} must not be negative, got {' '.join(header[key])[:80]}")
+  return values
+
+
+def _read_pcd(path: pathlib.Path, fields: Sequence[str] | None) -> np.ndarray:
+  data = path.read_bytes()
+  header, offset = _parse_pcd_header(path, data)
+  names = header.get("FIELDS", [])
+  sizes = _pcd_ints(path, header, "SIZE")
+  types = header.get("TYPE", [])
+  counts = _pcd_ints(path, header, "COUNT") if "COUNT" in header else [1] * len(names)
+  if not names or not (len(names) == len(sizes) == len(types) == len(counts)):
+    raise ValueError(
+      f"{path}: PCD FIELDS, SIZE, TYPE and COUNT need one entry per field, got "
+      f"{len(names)}, {len(sizes)}, {len(types)}, {len(counts)}"
+    )
+  if 0 in counts:
+    raise ValueError(f"{path}: PCD COUNT must be positive, got {' '.join(header['COUNT'])[:80]}")
+  repeated = sorted({name for name in names if name != "_" and names.count(name) > 1})
+  if repeated:
+    raise ValueError(f"{path}: PCD FIELDS repeats {', '.join(repeated)} (only padding '_' may repeat)")
+  for name, t, size in zip(names, types, sizes):
+    if (t, size) not in PCD_TYPES:
+      raise ValueError(
+        f"{path}: PCD field {name!r} has TYPE {t} SIZE {size}; F takes 2, 4, 8, I and U 1, 2, 4, 8"
+      )
+  width = _pcd_ints(path, header, "WIDTH")[0] if header.get("WIDTH") else None
+  height = _pcd_ints(path, header, "HEIGHT")[0] if header.get("HEIGHT") else 1
+  if header.get("POINTS"):
+    num_points = _pcd_ints(path, header, "POINTS")[0]
+  elif width is not None:
+    num_points = width * height
+  else:
+    raise ValueError(f"{path}: the PCD header has neither POINTS nor WIDTH")
+  if width is not None and num_points != width * height:
+    raise ValueError(f"{path}: PCD POINTS {num_points} is not WIDTH {width} x HEIGHT {height}")
+  encoding = header["DATA"][0].lower() if header["DATA"] else ""
+  if encoding not in PCD_ENCODINGS:
+    raise ValueError(f"{path}: PCD DATA {encoding!r} is not one of {', '.join(PCD_ENCODINGS)}")
+
+  # Sizes from the header's integers: no array is made before they are checked against the file.
+  body = len(data) - offset
+  if encoding == "ascii":
+    values = _pcd_ascii(path, data[offset:], num_points * sum(counts))
+    parts = np.split(values.reshape(num_points, sum(counts)), np.cumsum(counts)[:-1], axis=1)
+  elif encoding == "binary":
+    row = sum(size * count for size, count in zip(sizes, counts))
+    if body < num_points * row:
+      raise ValueError(
+        f"{path}: PCD binary data is {body} bytes, {num_points} points x {row} bytes = "
+        f"{num_points * row} expected (truncated file?)"
+      )
+    # Padding fields may repeat the name "_", so the record dtype uses positional names.
+    record = np.dtype(
+      [(f"c{i}", f"<{t.lower()}{size}", (c,)) for i, (t, size, c) in enumerate(zip(types, sizes, counts))]
+    )
+    rows = np.frombuffer(data, record, num_points, offset)
+    parts = [rows[f"c{i}"] for i in range(len(names))]
+  else:
+    # Compressed PCD stores each field for all points, then the next field (structure of arrays),
+    # and PCL leaves the padding fields "_" out of it.
+    stored = [
+      (np.dtype(f"<{t.lower()}{size}"), c)
+      for name, t, size, c in zip(names, types, sizes, counts)
+      if name != "_"
+    ]
+    expected = num_points * sum(dt.itemsize * c for dt, c in stored)
+    raw = _pcd_decompress(path, data[offset:], num_points, expected) if num_points else b""
+    parts, start = [], 0
+    for dt, c in stored:
+      parts.append(np.frombuffer(raw, dt, num_points * c, start).reshape(num_points, c))
+      start += num_points * c * dt.itemsize
+    names = [name for name in names if name != "_"]
+  columns = {name: part for name, part in zip(names, parts) if name != "_"}
+  return _select(path, columns, fields)
+
+
+def _pcd_ascii(path: pathlib.Path, text: bytes, expected: int) -> np.ndarray:
+  """The whitespace-separated numbers of an ascii PCD body, float64 ``[expected]``."""
+  if expected > len(text):  # each value takes at least a byte: a corrupt count fails before the parse
+    raise ValueError(
+      f"{path}: PCD ascii data is {len(text)} bytes, too few for POINTS x columns = {expected} values "
+      "(truncated file, or a corrupt POINTS, WIDTH or COUNT)"
+    )
+  try:
+    values = np.array(text.split(), dtype=np.float64)
+  except ValueError as e:
+    raise ValueError(f"{path}: PCD ascii data holds a value that is not a number ({e})") from e
+  if len(values) != expected:
+    raise ValueError(
+      f"{path}: PCD ascii data holds {len(values)} values, POINTS x columns = {expected} expected "
+      "(truncated file, or FIELDS/COUNT do not match the data)"
+    )
+  return values
+
+
+def _pcd_decompress(path: pathlib.Path, body: bytes, num_points: int, expected: int) -> bytes:
+  """The ``expected`` bytes of a binary_compressed PCD body: uint32 compressed and raw sizes, then LZF."""
+  if len(body) < 8:
+    raise ValueError(f"{path}: PCD binary_compressed data ends before its 8-byte size header")
+  compressed, size = struct.unpack_from("<II", body)
+  if size != expected:
+    raise ValueError(
+      f"{path}: PCD binary_compressed data holds {size} bytes, {num_points} points need {expected}"
+    )
+  if len(body) - 8 < compressed:
+    raise ValueError(
+      f"{path}: PCD binary_compressed data is {len(body) - 8} bytes, "
+      f"its header says {compressed} (truncated?)"
+    )
+  try:
+    return _lzf_decompress(body[8 : 8 + compressed], size)
+  except ValueError as e:
+    raise ValueError(f"{path}: PCD binary_compressed data is corrupt ({e})") from e
+
+
+def _lzf_decompress(data: bytes, size: int) -> bytes:
+  """Decodes an LZF stream (liblzf's format, as PCL writes it) of ``size`` bytes.
+
+  Each token starts with a byte ``ctrl``: below 32, ``ctrl + 1`` literal bytes follow; otherwise it
+  copies ``(ctrl >> 5) + 2`` bytes (a 7 extends the length by the next byte) from
+  ``((ctrl & 31) << 8 | next byte) + 1`` bytes back in the output. The output never grows past
+  ``size`` and each token consumes input, so corrupt input costs at most ``len(data)`` steps.
+
+  >>> _lzf_decompress(bytes([2]) + b"abc" + bytes([0x40, 2]), 7)  # "abc", then 4 bytes from 3 back
+  b'abcabca'
+  """
+  out = bytearray()
+  i, n = 0, len(data)
+  while i < n:
+    at, ctrl = i, data[i]
+    i += 1
+    if ctrl < 32:
+      length = ctrl + 1
+      if i + length > n:
+        raise ValueError(f"the literal run of {length} bytes at byte {at} passes the end of the input")
+      if len(out) + length > size:
+        raise ValueError(f"it decodes to more than the {size} bytes its header says")
+      out += data[i : i + length]
+      i += length
+      continue
+    length = ctrl >> 5
+    if length == 7:
+      length += data[i] if i < n else 0
+      i += 1
+    if i >= n:
+      raise ValueError("the input ends inside a back reference")
+    distance = ((ctrl & 31) << 8 | data[i]) + 1
+    i += 1
+    length += 2
+    if distance > len(out):
+      raise ValueError(f"the back reference at byte {at} points before the start of the output")
+    if len(out) + length > size:
+      raise ValueError(f"it decodes to more than the {size} bytes its header says")
+    start = len(out) - distance
+    if length <= distance:
+      out += out[start : start + length]
+    else:  # overlapping: the copy repeats the last `distance` bytes (runs)
+      out += (out[start:] * (length // distance + 1))[:length]
+  if len(out) != size:
+    raise ValueError(f"it decodes to {len(out)} bytes, its header says {size}")
+  return bytes(out)

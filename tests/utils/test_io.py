@@ -5,13 +5,22 @@ Expected values are the arrays the tests wrote, cast to float32, never the reade
 
 from __future__ import annotations
 
+import io
 import pathlib
+import pickle
+import re
+import struct
 import sys
+import tracemalloc
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from jsparse.utils import read_points, write_points
+from jsparse.utils import _io, read_points, write_points
 
 
 def _points(num_points=50, num_features=4, seed=0):
@@ -571,10 +580,17 @@ def _compressed_pcd(path, sizes, body):
     ),
     ([4, 10], b"\x00a\xe0\x00", r"is corrupt \(the input ends inside a back reference\)"),
     ([3, 10], b"\x05abc", r"is corrupt \(the literal run of 6 bytes at byte 0 passes the end of the input\)"),
-    ([5, 11], b"\x00a\xe0\x00\x00", r"is corrupt \(it decodes to 10 bytes, its header says 11\)"),
+    ([2, 10], b"\x00a", r"is corrupt \(it decodes to 1 bytes, its header says 10\)"),
+    # A run of 264 bytes where the header says 10: the output never grows past the header's size.
+    ([5, 10], b"\x00a\xe0\xff\x00", r"is corrupt \(it decodes to more than the 10 bytes its header says\)"),
+    ([13, 10], b"\x0ba" + bytes(11), r"is corrupt \(it decodes to more than the 10 bytes its header says\)"),
+    # Sizes that do not match POINTS fail before any decoding.
+    ([5, 11], b"\x00a\xe0\x00\x00", r"holds 11 bytes, 10 points need 10"),
     ([2, 1], b"\x00a", r"holds 1 bytes, 10 points need 10"),
+    ([2, 4_000_000_000], b"\x00a", r"holds 4000000000 bytes, 10 points need 10"),
   ],
-  ids=["no-sizes", "truncated", "bad-offset", "cut-reference", "cut-literal", "short-output", "short-data"],
+  ids=["no-sizes", "truncated", "bad-offset", "cut-reference", "cut-literal", "short-output", "long-run"]
+  + ["long-literal", "size-11", "size-1", "size-4e9"],
 )
 def test_pcd_compressed_corrupt(tmp_path, sizes, body, message):
   if sizes is None:
@@ -598,3 +614,552 @@ def test_pathlike_and_str(tmp_path):
   write_points(str(tmp_path / "s.npz"), points)
   np.testing.assert_array_equal(read_points(str(tmp_path / "s.npz")), points)
   np.testing.assert_array_equal(read_points(pathlib.PurePath(tmp_path / "s.npz")), points)
+
+
+# Hostile files: truncated, corrupt, or with a header that claims more than the file holds. Each must
+# raise a ValueError naming the file, at once and without a large allocation: tracemalloc sees numpy's
+# and Python's allocations (a 12 TB np.empty that the OS would overcommit included).
+
+HUGE = 10**12
+MAX_PEAK = 64 << 20  # bytes a read of a small hostile file may allocate
+
+
+def _raises_bounded(path, message, num_features=None):
+  """read_points(path) raises a ValueError "<path><message>", allocating under MAX_PEAK bytes."""
+  tracemalloc.start()
+  try:
+    with pytest.raises(ValueError, match=re.escape(str(path)) + message):
+      read_points(path, num_features)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < MAX_PEAK, f"{path.name}: {peak} bytes allocated"
+
+
+def _npy_bytes(shape, descr="<f4", data=b"", fortran_order=False):
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(
+    header, {"descr": descr, "fortran_order": fortran_order, "shape": shape}
+  )
+  return header.getvalue() + data
+
+
+def _zip_bytes(members, compression=zipfile.ZIP_STORED):
+  out = io.BytesIO()
+  with zipfile.ZipFile(out, "w", compression) as archive:
+    for name, data in members.items():
+      archive.writestr(name, data)
+  return out.getvalue()
+
+
+def _ply_bytes(encoding, elements, body):
+  """A PLY file from ``[(element, count, ["float x", "list uchar int vertex_indices", ...])]``."""
+  lines = ["ply", f"format {encoding} 1.0"]
+  for name, count, properties in elements:
+    lines += [f"element {name} {count}", *(f"property {p}" for p in properties)]
+  return ("\n".join([*lines, "end_header"]) + "\n").encode() + body
+
+
+XYZ = ["float x", "float y", "float z"]
+HUGE_HEADERS = {
+  "binary.pcd": (
+    _pcd_header(["x", "y", "z"], [4] * 3, ["F"] * 3, [1] * 3, HUGE, "binary") + bytes(120),
+    r": PCD binary data is 120 bytes, 1000000000000 points x 12 bytes = 12000000000000 expected",
+  ),
+  "ascii.pcd": (
+    _pcd_header(["x", "y", "z"], [4] * 3, ["F"] * 3, [1] * 3, HUGE, "ascii") + b"1 2 3\n" * 10,
+    r": PCD ascii data is 60 bytes, too few for POINTS x columns = 3000000000000 values",
+  ),
+  "compressed.pcd": (
+    _pcd_header(["x", "y", "z"], [4] * 3, ["F"] * 3, [1] * 3, HUGE, "binary_compressed")
+    + np.array([2, 12], "<u4").tobytes()
+    + b"\x00a",
+    r": PCD binary_compressed data holds 12 bytes, 1000000000000 points need 12000000000000",
+  ),
+  "count.pcd": (  # a field of 10^12 values per point
+    _pcd_header(["x"], [4], ["F"], [HUGE], 1, "binary") + bytes(16),
+    r": PCD binary data is 16 bytes, 1 points x 4000000000000 bytes",
+  ),
+  "binary.ply": (
+    _ply_bytes("binary_little_endian", [("vertex", HUGE, XYZ)], bytes(120)),
+    r": not a readable PLY file \(its header claims 1000000000000 'vertex' rows of at least 12 bytes, "
+    r"and 120 bytes follow the header",
+  ),
+  "ascii.ply": (
+    _ply_bytes("ascii", [("vertex", HUGE, XYZ)], b"1 2 3\n" * 10),
+    r": not a readable PLY file \(its header claims 1000000000000 'vertex' rows of at least 6 bytes",
+  ),
+  "no-properties.ply": (  # plyfile loops over such rows without reading a byte: a hang, not an error
+    _ply_bytes("binary_little_endian", [("vertex", 1, XYZ), ("junk", HUGE, [])], bytes(12)),
+    r": not a readable PLY file \(its header claims 1000000000000 'junk' rows of at least 1 bytes",
+  ),
+  "list.ply": (  # a face whose list claims 2^32 - 1 indices
+    _ply_bytes(
+      "binary_little_endian",
+      [("face", 1, ["list uint int vertex_indices"]), ("vertex", 1, XYZ)],
+      struct.pack("<I", 2**32 - 1) + bytes(16),
+    ),
+    r": not a readable PLY file \(element 'face' has a list of length 4294967295\)",
+  ),  # fmt: skip
+  "array.npy": (
+    _npy_bytes((HUGE, 4), data=bytes(64)),
+    r": its header says float32 \(1000000000000, 4\), 16000000000000 bytes, and 64 bytes follow",
+  ),
+  "array.npz": (
+    _zip_bytes({"points.npy": _npy_bytes((HUGE, 4), data=bytes(64))}),
+    r"\['points'\]: its header says float32 \(1000000000000, 4\), 16000000000000 bytes",
+  ),
+}
+
+
+@pytest.mark.parametrize("name", list(HUGE_HEADERS))
+def test_header_claiming_huge_counts(tmp_path, name):
+  if name.endswith(".ply"):
+    pytest.importorskip("plyfile")
+  data, message = HUGE_HEADERS[name]
+  (tmp_path / name).write_bytes(data)
+  _raises_bounded(tmp_path / name, message)
+
+
+def _las_bytes(tmp_path, version="1.2", suffix=".las", num_points=30):
+  laspy = pytest.importorskip("laspy")
+  if suffix == ".laz":
+    pytest.importorskip("lazrs")
+  las = laspy.LasData(laspy.LasHeader(point_format=3, version=version))
+  rng = np.random.default_rng(5)
+  las.x, las.y, las.z = rng.uniform(-20, 20, (3, num_points))
+  las.write(str(tmp_path / f"seed{suffix}"))
+  return bytearray((tmp_path / f"seed{suffix}").read_bytes())
+
+
+def _patch(data, offset, fmt, value):
+  struct.pack_into(fmt, data, offset, value)
+  return data
+
+
+def _laz_chunk_table(data):
+  """The offset of a LAZ file's chunk table (its first 8 bytes: version, number of chunks)."""
+  return struct.unpack_from("<q", data, struct.unpack_from("<I", data, 96)[0])[0]
+
+
+LAS_HEADERS = {
+  # Header fields by byte offset (LAS 1.2 / 1.4 specification, table 3).
+  "count-1.4": (
+    "1.4", ".las", lambda d: _patch(d, 247, "<Q", HUGE),
+    r": not a readable LAS file \(its header claims 1000000000000 points of 34 bytes, and 1020 bytes",
+  ),
+  "count-1.2": (
+    "1.2", ".las", lambda d: _patch(d, 107, "<I", 4_000_000_000),
+    r": not a readable LAS file \(its header claims 4000000000 points of 34 bytes",
+  ),
+  "truncated": (
+    "1.2", ".las", lambda d: d[:-10],
+    r": not a readable LAS file \(its header claims 30 points of 34 bytes, and 1010 bytes follow",
+  ),
+  "vlrs": (  # laspy loops over the VLR count without checking for the end of the data
+    "1.2", ".las", lambda d: _patch(d, 100, "<I", 2**32 - 1),
+    r": not a readable LAS file \(its header claims 4294967295 VLRs of at least 54 bytes",
+  ),
+  "offset": (
+    "1.2", ".las", lambda d: _patch(d, 96, "<I", 2**32 - 16),
+    r": not a readable LAS file \(its header puts the points at byte 4294967280, past the end",
+  ),
+  "count-laz": (
+    "1.2", ".laz", lambda d: _patch(d, 107, "<I", 4_000_000_000),
+    r": not a readable LAS file \(its header claims 4000000000 points of 34 bytes, and \d+ bytes of "
+    r"compressed points follow",
+  ),
+  "chunks-laz": (  # lazrs allocates 16 bytes a chunk and aborts the process when it cannot
+    "1.2", ".laz", lambda d: _patch(d, _laz_chunk_table(d) + 4, "<I", 2**32 - 1),
+    r": not a readable LAZ file \(its chunk table claims 4294967295 chunks",
+  ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(LAS_HEADERS))
+def test_las_hostile_headers(tmp_path, case):
+  version, suffix, patch, message = LAS_HEADERS[case]
+  path = tmp_path / f"{case}{suffix}"
+  path.write_bytes(patch(_las_bytes(tmp_path, version, suffix)))
+  _raises_bounded(path, message)
+
+
+class _Touch:
+  """Unpickling it creates a file: the proof that a reader unpickled."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return (open, (str(self.path), "w"))
+
+
+def test_npy_npz_refuse_pickles(tmp_path):
+  marker = tmp_path / "unpickled"
+  payload = pickle.dumps(_Touch(marker))
+  (tmp_path / "o.npy").write_bytes(_npy_bytes((1, 3), "|O", payload))
+  _raises_bounded(tmp_path / "o.npy", r" must be a 2-D real array \[P, F\], got object \(1, 3\)")
+  (tmp_path / "o.npz").write_bytes(_zip_bytes({"points.npy": _npy_bytes((1, 3), "|O", payload)}))
+  _raises_bounded(tmp_path / "o.npz", r"\['points'\] must be a 2-D real array \[P, F\], got object")
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+  ("data", "message"),
+  [
+    (_npy_bytes((10, 2), data=bytes(80)), r": shape \(10, 2\) has 2 columns; points need x, y, z"),
+    (_npy_bytes((2, 3, 4), data=bytes(96)), r" must be a 2-D real array \[P, F\], got float32 \(2, 3, 4\)"),
+    (_npy_bytes((-1, 4), data=bytes(16)), r" must be a 2-D real array \[P, F\], got float32 \(-1, 4\)"),
+    (_npy_bytes((2, 3), "<c8", bytes(48)), r" must be a 2-D real array \[P, F\], got complex64 \(2, 3\)"),
+    (_npy_bytes((2, 3), "<U4", bytes(96)), r" must be a 2-D real array \[P, F\], got <U4 \(2, 3\)"),
+    (_npy_bytes((2, 3), [("x", "<f4"), ("y", "<f4")], bytes(48)), r" must be a 2-D real array"),
+    (_npy_bytes((10, 4), data=bytes(150)), r": its header says float32 \(10, 4\), 160 bytes, and 150"),
+    (b"\x93NUMPY\x03\x00" + bytes(8), r": not a readable .npy file \(format version 3.0; numeric"),
+    (b"\x93NUMPY\x01\x00\xff\x7f{'descr'", r": not a readable .npy file \("),
+    (_npy_bytes((10, 4))[:40], r": not a readable .npy file \("),
+  ],
+  ids=["columns", "3-D", "negative", "complex", "strings", "records", "truncated", "version-3"]
+  + ["header-length", "cut-header"],
+)
+def test_npy_header_checks(tmp_path, data, message):
+  (tmp_path / "a.npy").write_bytes(data)
+  _raises_bounded(tmp_path / "a.npy", message)
+
+
+def test_npy_layouts(tmp_path):
+  # Fortran order, big-endian float64, format 2.0: the reader reshapes and casts as numpy.load does.
+  array = np.asfortranarray(np.arange(30, dtype=">f8").reshape(10, 3) / 7)
+  with open(tmp_path / "f.npy", "wb") as f:
+    np.lib.format.write_array(f, array, version=(2, 0))
+  np.testing.assert_array_equal(read_points(tmp_path / "f.npy"), array.astype(np.float32))
+  np.testing.assert_array_equal(
+    read_points(tmp_path / "f.npy"), np.load(tmp_path / "f.npy").astype(np.float32)
+  )
+
+
+def test_npz_size_checks(tmp_path, monkeypatch):
+  points = np.zeros((1000, 4), np.float32)
+  np.savez_compressed(tmp_path / "z.npz", points=points)  # 16 kB of zeros deflate to ~50 bytes
+  np.testing.assert_array_equal(read_points(tmp_path / "z.npz"), points)  # small: not ratio-checked
+  monkeypatch.setattr(_io, "NPZ_UNCHECKED_BYTES", 0)
+  _raises_bounded(
+    tmp_path / "z.npz", r"\['points'\]: its zip entry expands \d+ compressed bytes to 16128, over 100x"
+  )
+  monkeypatch.undo()
+  # Zip entries whose central directory record claims 4 GB, or more compressed bytes than the file has.
+  data = _zip_bytes({"points.npy": _npy_bytes((1, 3), data=bytes(12))}, zipfile.ZIP_DEFLATED)
+  record = data.index(b"PK\x01\x02")  # sizes at 20 (compressed) and 24 (uncompressed)
+  (tmp_path / "bomb.npz").write_bytes(_patch(bytearray(data), record + 24, "<I", 2**32 - 2))
+  _raises_bounded(
+    tmp_path / "bomb.npz", r"\['points'\]: its zip entry expands \d+ compressed bytes to 4294967294"
+  )
+  (tmp_path / "big.npz").write_bytes(_patch(bytearray(data), record + 20, "<I", 2**32 - 2))
+  _raises_bounded(tmp_path / "big.npz", r"\['points'\]: its zip entry claims 4294967294 compressed bytes")
+  (tmp_path / "text.npz").write_bytes(_zip_bytes({"points.txt": b"1 2 3"}))
+  _raises_bounded(tmp_path / "text.npz", r"\['points.txt'\]: the member 'points.txt' is not an .npy array")
+
+
+def _mesh_ply(encoding, vertex, faces):
+  """A PLY mesh: faces, then the vertices (with a list property "normals"), then the faces again as
+  edges. By hand, as plyfile 1.1.5 writes a big-endian element with lists in little-endian."""
+  lines = [f"element face {len(faces)}", "property list uchar int vertex_indices", "property ushort group"]
+  lines += [f"element vertex {len(vertex)}", "property float x", "property double y", "property short z"]
+  lines += ["property list uint float normals", "property uchar label"]
+  lines += [f"element edge {len(faces)}", "property list short int vertex_indices", "property ushort group"]
+  order = "<" if encoding == "binary_little_endian" else ">"
+
+  def row(values, codes):  # a struct code per value; (length, item) codes for a list
+    if encoding == "ascii":
+      return (
+        " ".join(" ".join(map(str, [len(v), *v] if isinstance(v, list) else [v])) for v in values) + "\n"
+      ).encode()
+    return b"".join(
+      struct.pack(f"{order}{c[0]}{len(v)}{c[1]}", len(v), *v)
+      if isinstance(v, list)
+      else struct.pack(order + c, v)
+      for v, c in zip(values, codes)
+    )
+
+  body = [row(f, [("B", "i"), "H"]) for f in faces] + [
+    row(v, ["f", "d", "h", ("I", "f"), "B"]) for v in vertex
+  ]
+  body += [row(f, [("h", "i"), "H"]) for f in faces]
+  return ("\n".join(["ply", f"format {encoding} 1.0", *lines, "end_header"]) + "\n").encode() + b"".join(body)
+
+
+@pytest.mark.filterwarnings("ignore:loadtxt. input contained no data")  # plyfile reading an empty list
+@pytest.mark.parametrize("encoding", ["binary_little_endian", "binary_big_endian", "ascii"])
+def test_ply_mesh(tmp_path, encoding):
+  # Elements with lists before and after the vertex element: the binary reader steps over the first and
+  # leaves the second unread; the list property of the vertex element is left out.
+  pytest.importorskip("plyfile")
+  rng = np.random.default_rng(6)
+  vertex = [
+    (
+      float(np.float32(rng.uniform(-9, 9))),
+      rng.uniform(-9, 9),
+      int(rng.integers(-300, 300)),
+      [0.5] * (i % 3),
+      i,
+    )
+    for i in range(7)
+  ]
+  faces = [([0, 1, 2], 1), ([3, 4, 5, 6], 2), (list(range(250)), 3)]
+  (tmp_path / "m.ply").write_bytes(_mesh_ply(encoding, vertex, faces))
+  expected = np.array([(x, y, z, label) for x, y, z, _, label in vertex], np.float32)
+  np.testing.assert_array_equal(read_points(tmp_path / "m.ply"), expected)
+
+
+@pytest.mark.parametrize(
+  ("data", "message"),
+  [
+    (b"ply\nelement vertex 1\nend_header\n", r"no format line|unexpected header line 'element vertex 1'"),
+    (_ply_bytes("binary_little_endian", [("vertex", 1, ["float128 x"])], b""), r"the property line"),
+    (b"ply\nformat binary_little_endian 1.0\nelement vertex 1e3\nend_header\n", r"the element line"),
+    (b"ply\nformat binary_little_endian 2.0\nend_header\n", r"the format line 'format binary_little_endian"),
+    (b"ply\nformat ascii 1.0\n" + b"comment " * 200_000, r"no end_header line in its first 1048576 bytes"),
+    (b"ply\nformat ascii 1.0\ncomment \xff\nend_header\n", r"its header holds bytes that are not ASCII"),
+    (
+      _ply_bytes(
+        "binary_little_endian", [("face", 1, ["list uchar int i"]), ("vertex", 1, XYZ)], b"\x05" + bytes(12)
+      ),
+      r"element 'face' ends early",
+    ),
+    (
+      _ply_bytes("binary_little_endian", [("vertex", 1, [*XYZ, "float x"])], bytes(16)),
+      r"repeats a property",
+    ),
+  ],
+  ids=[
+    "no-format",
+    "bad-type",
+    "bad-count",
+    "version",
+    "endless-header",
+    "not-ascii",
+    "list-overrun",
+    "repeat",
+  ],
+)
+def test_ply_corrupt_header(tmp_path, data, message):
+  pytest.importorskip("plyfile")
+  (tmp_path / "bad.ply").write_bytes(data)
+  _raises_bounded(tmp_path / "bad.ply", r": not a readable PLY file \(.*(" + message + ")")
+
+
+def _lzf_reference(data, size):
+  """A byte-at-a-time LZF decoder (liblzf's lzf_d.c, without its checks): the oracle of runs."""
+  out, i = bytearray(), 0
+  while i < len(data):
+    ctrl = data[i]
+    i += 1
+    if ctrl < 32:
+      out += data[i : i + ctrl + 1]
+      i += ctrl + 1
+      continue
+    length = ctrl >> 5
+    if length == 7:
+      length, i = length + data[i], i + 1
+    start, i = len(out) - ((ctrl & 31) << 8 | data[i]) - 1, i + 1
+    for j in range(length + 2):
+      out.append(out[start + j])
+  return bytes(out[:size])
+
+
+def test_lzf_runs():
+  # Back references that overlap their own output (distance < length), of every distance up to 9, and
+  # a 4 MB run of zeros (264 bytes per 3-byte token).
+  stream = bytes([7]) + b"abcdefgh"
+  for distance in range(1, 10):
+    stream += bytes([7 << 5 | (distance - 1) >> 8, 255 - 7 - distance, (distance - 1) & 255])
+  size = len(_lzf_reference(stream, 1 << 20))
+  assert _io._lzf_decompress(stream, size) == _lzf_reference(stream, size)
+  zeros = b"\x00\x00" + bytes([0xE0, 0xFF, 0x00]) * 16_000
+  assert _io._lzf_decompress(zeros, 1 + 264 * 16_000) == bytes(1 + 264 * 16_000)
+
+
+# The .bin plausibility warning: the file does not say its column count.
+
+
+def test_bin_warns_when_num_features_looks_wrong(scans):
+  sweep, kitti = scans / "nuscenes_lidar_top.bin", scans / "kitti_000008.bin"
+  with pytest.warns(
+    UserWarning,
+    match=re.escape(str(sweep)) + r": read with num_features=4, its values line up at a stride of 5",
+  ):
+    assert read_points(sweep, 4).shape == (43360, 4)  # the issue: 34,688 points of 5 read as 43,360 of 4
+  with pytest.warns(
+    UserWarning,
+    match=r"kitti_000008.bin: read with num_features=3, .* holds 4 columns; pass num_features=4 ",
+  ):
+    read_points(kitti, 3)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    read_points(sweep, 5)
+    read_points(kitti, 4)
+    read_points(kitti, 8)  # pairs of points: a multiple of the column count cannot be told from it
+
+
+def test_bin_warns_on_absurd_values(tmp_path):
+  points = _points(num_points=200)
+  points.astype(np.float64).tofile(tmp_path / "doubles.bin")  # float64 read as float32
+  with pytest.warns(
+    UserWarning, match=r"doubles.bin: \d+% of the points read with num_features=4 have a non-finite"
+  ):
+    read_points(tmp_path / "doubles.bin", 4)
+  points.tofile(tmp_path / "floats.bin")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # one NaN point of 200 and random values: no warning
+    np.testing.assert_array_equal(read_points(tmp_path / "floats.bin", 4), points)
+
+
+# The fuzz test: valid files of every format, mutated (bytes replaced, inserted or cut, the file
+# truncated, a count or offset of a header replaced by a huge number). read_points returns float32
+# [P, 4] or raises a ValueError naming the file, allocating under MAX_PEAK bytes; anything else fails.
+
+
+def _fuzz_points():
+  points = np.round(np.random.default_rng(8).normal(0, 10, (12, 4)), 2).astype(np.float32)
+  points[:, 3] = np.arange(12)
+  return points
+
+
+def _seed_written(suffix, binary=True):
+  def build(folder):
+    write_points(folder / f"seed{suffix}", _fuzz_points(), binary=binary)
+    return (folder / f"seed{suffix}").read_bytes()
+
+  return build
+
+
+def _seed_npz_deflate(folder):
+  np.savez_compressed(folder / "seed.npz", points=_fuzz_points(), labels=np.arange(12))
+  return (folder / "seed.npz").read_bytes()
+
+
+def _seed_pcd_compressed(folder):
+  points = _fuzz_points()
+  raw = b"".join(np.ascontiguousarray(points[:, i]).tobytes() for i in range(4))
+  body = _lzf_compress(raw)
+  header = _pcd_header(["x", "y", "z", "i"], [4] * 4, ["F"] * 4, [1] * 4, 12, "binary_compressed")
+  (folder / "seed.pcd").write_bytes(header + np.array([len(body), len(raw)], "<u4").tobytes() + body)
+  return (folder / "seed.pcd").read_bytes()
+
+
+def _seed_mesh(text):
+  def build(folder):
+    plyfile = pytest.importorskip("plyfile")
+    points = _fuzz_points()
+    vertex = np.zeros(12, [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("intensity", "<u2")])
+    for i, name in enumerate(vertex.dtype.names):
+      vertex[name] = points[:, i]
+    faces = np.zeros(2, [("vertex_indices", "O")])
+    faces["vertex_indices"] = [np.array([0, 1, 2], "i4"), np.array([2, 3, 4, 5], "i4")]
+    elements = [
+      plyfile.PlyElement.describe(faces, "face", len_types={"vertex_indices": "u1"}),
+      plyfile.PlyElement.describe(vertex, "vertex"),
+      plyfile.PlyElement.describe(faces, "edge", len_types={"vertex_indices": "u4"}),
+    ]
+    plyfile.PlyData(elements, text=text, byte_order="<").write(str(folder / "seed.ply"))
+    return (folder / "seed.ply").read_bytes()
+
+  return build
+
+
+def _seed_las(version, suffix):
+  def build(folder):
+    laspy = pytest.importorskip("laspy")
+    if suffix == ".laz":
+      pytest.importorskip("lazrs")
+    points = _fuzz_points()
+    header = laspy.LasHeader(point_format=3, version=version)
+    header.scales = np.array([0.01, 0.01, 0.01])
+    las = laspy.LasData(header)
+    las.x, las.y, las.z = points[:, 0], points[:, 1], points[:, 2]
+    las.intensity = points[:, 3].astype(np.uint16)
+    las.write(str(folder / f"seed{suffix}"))
+    return (folder / f"seed{suffix}").read_bytes()
+
+  return build
+
+
+# LAZ of point formats 6-10 (layered) is left out: lazrs allocates each layer's size as its header
+# claims (up to 4 GB a layer, read from the file) and aborts the process when it cannot.
+FUZZ_SEEDS = {
+  "scan.bin": _seed_written(".bin"),
+  "scan.npy": _seed_written(".npy"),
+  "scan.npz": _seed_written(".npz"),
+  "deflate.npz": _seed_npz_deflate,
+  "binary.pcd": _seed_written(".pcd"),
+  "ascii.pcd": _seed_written(".pcd", binary=False),
+  "compressed.pcd": _seed_pcd_compressed,
+  "binary.ply": _seed_written(".ply"),
+  "ascii.ply": _seed_written(".ply", binary=False),
+  "mesh.ply": _seed_mesh(text=False),
+  "mesh-ascii.ply": _seed_mesh(text=True),
+  "v12.las": _seed_las("1.2", ".las"),
+  "v14.las": _seed_las("1.4", ".las"),
+  "v12.laz": _seed_las("1.2", ".laz"),
+}
+HUGE_NUMBERS = [b"1000000000000", b"4294967295", b"4294967296", b"-1", b"0", b"9" * 30]
+
+
+@st.composite
+def _mutations(draw, seed):
+  data = bytearray(seed)
+  header = min(len(data), 400)  # where the headers (and their counts) are
+  kind = draw(
+    st.sampled_from(["truncate", "replace", "replace-header", "number", "integer", "insert", "cut"])
+  )
+  numbers = list(re.finditer(rb"\d+", seed[:600]))
+  if kind == "truncate":
+    return seed[: draw(st.integers(0, len(seed) - 1))]
+  if kind in ("replace", "replace-header") or (kind == "number" and not numbers):
+    end = header if kind == "replace-header" else len(data)
+    for at, value in draw(
+      st.lists(st.tuples(st.integers(0, end - 1), st.integers(0, 255)), min_size=1, max_size=4)
+    ):
+      data[at] = value
+    return bytes(data)
+  if kind == "number":  # a count, size or shape in a text header
+    number = draw(st.sampled_from(numbers))
+    return seed[: number.start()] + draw(st.sampled_from(HUGE_NUMBERS)) + seed[number.end() :]
+  if kind == "integer":  # a count, size or offset in a binary header
+    width = draw(st.sampled_from([2, 4, 8]))
+    at = draw(st.integers(0, header - width))
+    value = draw(st.sampled_from([2 ** (8 * width) - 1, 2 ** (8 * width - 1), HUGE % 2 ** (8 * width)]))
+    data[at : at + width] = value.to_bytes(width, "little")
+    return bytes(data)
+  at = draw(st.integers(0, len(seed)))
+  if kind == "insert":
+    return seed[:at] + draw(st.binary(min_size=1, max_size=8)) + seed[at:]
+  return seed[:at] + seed[at + draw(st.integers(1, 8)) :]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # mutated .bin values may well look misread
+@pytest.mark.parametrize("name", list(FUZZ_SEEDS))
+def test_fuzz_read_points(tmp_path, name):
+  seed = FUZZ_SEEDS[name](tmp_path)
+  np.testing.assert_allclose(
+    read_points(tmp_path / f"seed{pathlib.Path(name).suffix}", 4), _fuzz_points(), atol=0.01
+  )
+  path = tmp_path / f"fuzzed{pathlib.Path(name).suffix}"
+
+  @settings(max_examples=4 * settings().max_examples)
+  @given(data=st.data())
+  def check(data):
+    path.write_bytes(data.draw(_mutations(seed)))
+    tracemalloc.start()
+    try:
+      try:
+        points = read_points(path, 4)
+      except ValueError as error:
+        assert str(path) in str(error), error
+      else:
+        assert points.dtype == np.float32 and points.ndim == 2 and points.shape[1] == 4, points.shape
+      peak = tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+    assert peak < MAX_PEAK, f"{peak} bytes allocated"
+
+  check()
