@@ -13,6 +13,16 @@
 #include <mutex>
 #include <vector>
 
+// Under AddressSanitizer (make test-sanitize) a block is poisoned but for the `bytes` its holder asked
+// for, and an idle block entirely, so that accesses past a handler's scratch are reported as they
+// would be for a fresh allocation.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#else
+#define ASAN_POISON_MEMORY_REGION(address, size) ((void)(address), (void)(size))
+#define ASAN_UNPOISON_MEMORY_REGION(address, size) ((void)(address), (void)(size))
+#endif
+
 namespace jsparse {
 
 // Uninitialized memory of at least `bytes` bytes (64-byte aligned), returned to the cache when
@@ -45,12 +55,17 @@ inline std::shared_ptr<std::byte> AcquireScratch(size_t bytes) {
   if (block.bytes < bytes) block = Block{std::unique_ptr<std::byte[]>(new std::byte[bytes + kAlign]), bytes};
   auto address = reinterpret_cast<uintptr_t>(block.memory.get());
   auto* aligned = reinterpret_cast<std::byte*>((address + kAlign - 1) / kAlign * kAlign);
+  ASAN_POISON_MEMORY_REGION(block.memory.get(), block.bytes + kAlign);
+  ASAN_UNPOISON_MEMORY_REGION(aligned, bytes);
   auto held = std::make_shared<Block>(std::move(block));
   return std::shared_ptr<std::byte>(aligned, [held](std::byte*) {
     std::lock_guard<std::mutex> lock(cache->mutex);
     size_t idle = held->bytes;
     for (const Block& b : cache->blocks) idle += b.bytes;
-    if (cache->blocks.size() < kMaxIdleBlocks && idle <= kMaxIdleBytes) cache->blocks.push_back(std::move(*held));
+    if (cache->blocks.size() < kMaxIdleBlocks && idle <= kMaxIdleBytes) {
+      ASAN_POISON_MEMORY_REGION(held->memory.get(), held->bytes + kAlign);
+      cache->blocks.push_back(std::move(*held));
+    }
   });
 }
 
