@@ -61,10 +61,24 @@ def _records(overflow: Any) -> dict[str, list[tuple[int, int]]]:
   return records
 
 
+# Head-room over a layer's largest need, for plan_capacities and grow_on_overflow alike: a quarter
+# more, so that inputs a little larger than the ones seen keep their compilation.
+MARGIN = 1.25
+
+
+def _capacity_with_margin(needed: int, margin: float) -> int:
+  return round_capacity(math.ceil(margin * max(needed, 1)))
+
+
+def _check_margin(margin: float) -> None:
+  if not margin >= 1:
+    raise ValueError(f"margin must be >= 1, got {margin}")
+
+
 def plan_capacities(
   model: nnx.Module,
   *examples: Any,
-  margin: float = 1.25,
+  margin: float = MARGIN,
   apply: Callable[[nnx.Module, Any], Any] | None = None,
 ) -> dict[str, int]:
   """Sizes every site-creating layer of ``model`` from example inputs.
@@ -96,8 +110,7 @@ def plan_capacities(
   """
   if not examples:
     raise ValueError("plan_capacities needs at least one example input")
-  if not margin >= 1:
-    raise ValueError(f"margin must be >= 1, got {margin}")
+  _check_margin(margin)
   apply = apply or (lambda m, example: m(example))
   copy = nnx.clone(model)
   for _, layer in _site_layers(copy).values():
@@ -114,12 +127,14 @@ def plan_capacities(
   planned = {}
   for key, (path, layer) in _site_layers(model).items():
     if key in needed:
-      layer.out_capacity = round_capacity(math.ceil(margin * max(needed[key], 1)))
+      layer.out_capacity = _capacity_with_margin(needed[key], margin)
       planned[path] = layer.out_capacity
   return planned
 
 
-def grow_on_overflow(step: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]:
+def grow_on_overflow(
+  step: Callable[..., tuple[Any, Any]] | None = None, *, margin: float = MARGIN
+) -> Callable[..., Any]:
   """Jits ``step`` and re-runs it, with larger capacities, whenever a layer dropped sites.
 
   ``step(*args)`` returns ``(result, overflow)``: ``overflow`` is the step's output tensor (or
@@ -128,10 +143,11 @@ def grow_on_overflow(step: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]
   objects among the arguments (the model, the optimizer: ``nnx.split`` before, ``nnx.merge``
   inside), and writes their new state back only when no layer dropped sites. When a layer of
   those objects needed more rows than it had, nothing of the step is kept: the wrapper raises
-  that layer's ``out_capacity`` to the bucket that holds what it needed
-  (:func:`jsparse.round_capacity`), logs a warning on the ``jsparse`` logger, and runs the same
-  step again from the same state; each new capacity is one new compilation. It returns
-  ``result``.
+  that layer's ``out_capacity`` to the bucket that holds ``margin`` times what it needed
+  (:func:`jsparse.round_capacity`, as :func:`plan_capacities` sizes), logs a warning on the
+  ``jsparse`` logger, and runs the same step again from the same state; each new capacity is one
+  new compilation. It returns ``result``. Use it as ``grow_on_overflow(step)`` or
+  ``@grow_on_overflow(margin=1.5)``.
 
   Raises:
     CapacityError: a record that no layer of the arguments owns overflowed (``from_dense``,
@@ -145,10 +161,14 @@ def grow_on_overflow(step: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]
   >>> def step(net, x):
   ...   y = net(x)
   ...   return jnp.sum(y.features), y
-  >>> _ = jsparse.nn.grow_on_overflow(step)(net, x)  # 9 sites: grows from 8 to 16 rows, runs again
+  >>> _ = jsparse.nn.grow_on_overflow(step)(net, x)  # 9 sites, 1.25 x 9: from 8 to 16 rows, again
   >>> net.out_capacity
   16
   """
+
+  _check_margin(margin)
+  if step is None:
+    return functools.partial(grow_on_overflow, margin=margin)
 
   @functools.partial(jax.jit, static_argnames=("graphdef", "where"))
   def pure(graphdef, state, args, kwargs, where):
@@ -184,7 +204,7 @@ def grow_on_overflow(step: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]
             f"give it a capacity >= {n} (e.g. jsparse.round_capacity({n}) = {round_capacity(n)})"
           )
         path, layer = layers[key]
-        layer.out_capacity = round_capacity(n)
+        layer.out_capacity = _capacity_with_margin(n, margin)
         logger.warning(
           "jsparse: %s (%s) needed %d output sites but had %d rows: out_capacity is now %d and the step "
           "runs again from the same state (a new compilation)",
