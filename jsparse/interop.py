@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jsparse.nn import SparseSequential
+from jsparse.nn import SparseSequential, SubMConv
 from jsparse.nn._conv import _Conv
 
 __all__ = ["load_spconv_state_dict", "spconv_key"]
@@ -92,7 +92,8 @@ def spconv_key(model: nnx.Module) -> dict[str, str]:
 
 def _convert(owner: nnx.Module, leaf: str, value: np.ndarray) -> np.ndarray:
   if leaf == "kernel" and isinstance(owner, _Conv):
-    if np.prod(owner.kernel_size) == 1 and all(s == 1 for s in getattr(owner, "stride", (1,))):
+    strides = (1,) if isinstance(owner, SubMConv) else getattr(owner, "stride", (1,))  # SubM ignores it
+    if np.prod(owner.kernel_size) == 1 and all(s == 1 for s in strides):
       # spconv multiplies by weight.view(in, out) here: the memory of [out, 1.., in] read as [in, out]
       return value.reshape(*owner.kernel_size, owner.in_channels, owner.out_channels)
     return np.moveaxis(value, 0, -1)  # [out, *k, in] -> [*k, in, out]

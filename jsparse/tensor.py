@@ -275,15 +275,16 @@ class SparseConvTensor:
 def _int32_indices(indices: Any) -> jax.Array:
   """``indices`` as int32. Other integer dtypes (spconv's and PyTorch's int64, numpy's default)
   are narrowed after checking, when the values are known, that every value fits in int32."""
-  if not isinstance(indices, jax.Array) or is_concrete(indices):
+  if not isinstance(indices, jax.Array):
     indices = np.asarray(indices)  # also reads lists and CPU torch tensors
   if not np.issubdtype(indices.dtype, np.integer):
     raise ValueError(f"indices must be integers (int32), got {indices.dtype}")
-  if indices.dtype != np.int32 and isinstance(indices, np.ndarray) and indices.ndim == 2:
+  if indices.dtype != np.int32 and is_concrete(indices) and indices.ndim == 2:
+    values = np.asarray(indices)  # a host copy only for the values to check
     info = np.iinfo(np.int32)
-    rows = np.flatnonzero(((indices < info.min) | (indices > info.max)).any(axis=1))
+    rows = np.flatnonzero(((values < info.min) | (values > info.max)).any(axis=1))
     if rows.size:
-      shown = ", ".join(f"{r}: {indices[r].tolist()}" for r in rows[:5])
+      shown = ", ".join(f"{r}: {values[r].tolist()}" for r in rows[:5])
       more = f" and {rows.size - 5} more" if rows.size > 5 else ""
       raise ValueError(
         f"{rows.size} rows of the {indices.dtype} indices do not fit in int32 ({shown}{more}); batch "

@@ -55,7 +55,8 @@ def test_sequential_by_position_with_pytorch_layouts():
 
 def test_single_tap_convs_read_spconvs_memory_order():
   # spconv 2.3.8 computes these as features @ weight.view(in, out) (its conv1x1 path)
-  net = spnn.SparseSequential(spnn.SubMConv3d(2, 3, 1, bias=False, rngs=nnx.Rngs(0)))
+  # spconv ignores a SubM layer's stride, and so does the conv1x1 test (SubMConv3d(2, 3, 1, 2) here)
+  net = spnn.SparseSequential(spnn.SubMConv3d(2, 3, 1, 2, bias=False, rngs=nnx.Rngs(0)))
   weight = np.arange(6, dtype=np.float32).reshape(3, 1, 1, 1, 2)
   load_spconv_state_dict(net, {"0.weight": weight})
   np.testing.assert_array_equal(net.layers[0].kernel[...], weight.reshape(1, 1, 1, 2, 3))
