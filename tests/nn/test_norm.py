@@ -48,9 +48,7 @@ def test_batch_norm_learns_from_active_rows_only(capacity, fast):
   kw = dict(momentum=0.9, epsilon=1e-3, use_fast_variance=fast)
   ours = spnn.BatchNorm(C, **kw, rngs=nnx.Rngs(0))
   oracle = nnx.BatchNorm(C, **kw, rngs=nnx.Rngs(0))
-  for layer in (ours, oracle):  # non-trivial scale and bias
-    layer.scale[...] = jnp.linspace(0.5, 2.0, C)
-    layer.bias[...] = jnp.linspace(-1.0, 1.0, C)
+  _set_affine(ours, oracle)
   step = nnx.jit(lambda layer, x: layer(x))
   for call in (lambda layer, x: layer(x), step):  # eager, then under jit
     x, active = _tensor(rng, 40, capacity)
@@ -72,21 +70,76 @@ def test_batch_norm_learns_from_active_rows_only(capacity, fast):
   np.testing.assert_array_equal(_stats(ours)[0], before[0])  # eval mode leaves the statistics
 
 
-def test_batch_norm_gradients_match_and_skip_padding():
-  rng = np.random.default_rng(1)
-  x, active = _tensor(rng, 30, 48)
-  weights = jnp.asarray(rng.standard_normal((48, C)), jnp.float32)
-  ours = spnn.BatchNorm(C, rngs=nnx.Rngs(0))
-  oracle = nnx.BatchNorm(C, rngs=nnx.Rngs(0))
+def _set_affine(*layers):
+  for layer in layers:  # non-trivial scale and bias
+    layer.scale[...] = jnp.linspace(0.5, 2.0, C)
+    layer.bias[...] = jnp.linspace(-1.0, 1.0, C)
+
+
+def _affine_grads(grads):
+  return np.asarray(grads["scale"][...]), np.asarray(grads["bias"][...])
+
+
+@pytest.mark.parametrize("capacity", [30, 31, 48, 256])
+@pytest.mark.parametrize("fast", [True, False])
+def test_batch_norm_gradients_match_and_skip_padding(capacity, fast):
+  """Gradients of the features, scale and bias (the layer's hand-written VJP) against autodiff
+  of Flax's layer on the active rows."""
+  rng = np.random.default_rng(capacity)
+  x, active = _tensor(rng, 30, capacity)
+  weights = jnp.asarray(rng.standard_normal((capacity, C)), jnp.float32)
+  kw = dict(epsilon=1e-3, use_fast_variance=fast)
+  ours, oracle = spnn.BatchNorm(C, **kw, rngs=nnx.Rngs(0)), nnx.BatchNorm(C, **kw, rngs=nnx.Rngs(0))
+  _set_affine(ours, oracle)
+  mask = np.asarray(x.mask)
 
   def loss(layer, features):
     return jnp.sum(layer(x.replace(features=features)).features * weights)
 
-  grad = nnx.grad(loss, argnums=1)(ours, x.features)
-  mask = np.asarray(x.mask)
-  want = nnx.grad(lambda layer, f: jnp.sum(layer(f) * weights[mask]), argnums=1)(oracle, jnp.asarray(active))
-  np.testing.assert_allclose(np.asarray(grad)[mask], want, rtol=1e-4, atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(grad)[~mask], 0)
+  for grad_fn in (nnx.grad(loss, argnums=(0, 1)), nnx.jit(nnx.grad(loss, argnums=(0, 1)))):
+    d_layer, d_features = grad_fn(ours, x.features)
+    want_layer, want_features = nnx.grad(lambda layer, f: jnp.sum(layer(f) * weights[mask]), argnums=(0, 1))(
+      oracle, jnp.asarray(active)
+    )
+    np.testing.assert_allclose(np.asarray(d_features)[mask], want_features, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(d_features)[~mask], 0)
+    for got, want in zip(_affine_grads(d_layer), _affine_grads(want_layer)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_norm_gradients_across_devices():
+  """With ``axis_name`` (``jax.vmap`` standing in for devices), the gradients of every member's
+  features and of the shared scale and bias are those of one layer over all active rows."""
+  rng = np.random.default_rng(3)
+  parts = [_tensor(rng, n, 64) for n in (10, 50, 0, 33)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(x for x, _ in parts))
+  weights = jnp.asarray(rng.standard_normal((len(parts), 64, C)), jnp.float32)
+  layer = spnn.BatchNorm(C, axis_name="devices", rngs=nnx.Rngs(0))
+  oracle = nnx.BatchNorm(C, rngs=nnx.Rngs(0))
+  _set_affine(layer, oracle)
+  graph, state = nnx.split(layer)
+
+  def loss(params, features):
+    def member(params, x, w):
+      return jnp.sum(nnx.merge(graph, params)(x).features * w)
+
+    xs = stacked.replace(features=features)
+    return jnp.sum(jax.vmap(member, in_axes=(None, 0, 0), axis_name="devices")(params, xs, weights))
+
+  d_params, d_features = jax.grad(loss, argnums=(0, 1))(state, stacked.features)
+  masks = [np.asarray(x.mask) for x, _ in parts]
+  everything = jnp.asarray(np.concatenate([active for _, active in parts]))
+  all_weights = jnp.concatenate([weights[i][m] for i, m in enumerate(masks)])
+  want_layer, want_features = nnx.grad(lambda layer, f: jnp.sum(layer(f) * all_weights), argnums=(0, 1))(
+    oracle, everything
+  )
+  for got, want in zip(_affine_grads(d_params), _affine_grads(want_layer)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  start = 0
+  for mask, got in zip(masks, np.asarray(d_features)):
+    np.testing.assert_allclose(got[mask], want_features[start : start + mask.sum()], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got[~mask], 0)
+    start += mask.sum()
 
 
 def test_batch_norm_across_devices_weighs_rows_not_devices():
