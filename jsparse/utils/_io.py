@@ -54,6 +54,17 @@ NPZ_UNCHECKED_BYTES = 1 << 26  # .npz members up to 64 MiB decompressed skip the
 LAZ_MAX_RATIO = 10_000
 LAS_CHUNK_POINTS = 1 << 20  # .las / .laz points decoded at a time
 LAS_VLR_HEADER = 54  # bytes
+LASZIP_VLR = (b"laszip encoded", 22204)  # the user id and record id of the VLR that describes a .laz's items
+# LASzip items by type code: the bytes of the item in a point record, and for the layered ones (item
+# version 3, LAS 1.4 point formats 6-10) the number of layers of a chunk. Byte (0) and Byte14 (14), the
+# extra bytes, take their size from the VLR and have a layer per byte. From the laz crate 0.12 that lazrs
+# 0.8 builds on (src/laszip/vlr.rs, and read_layers_sizes in src/las/{point6,rgb,nir,extra_bytes,
+# wavepacket}.rs): Point10 6, GpsTime 7, RGB12 8, WavePacket13 9; Point14 10 (9 layers: channel, returns
+# and xy; z; classification; flags; intensity; scan angle; user data; point source; gps time), RGB14 11,
+# RGBNIR14 12 (an RGB and a NIR layer), WavePacket14 13.
+LAZ_ITEM_SIZES = {6: 20, 7: 8, 8: 6, 9: 29, 10: 30, 11: 6, 12: 8, 13: 29}
+LAZ_ITEM_LAYERS = {10: 9, 11: 1, 12: 2, 13: 1}
+LAZ_VARIABLE_CHUNKS = (0, 2**32 - 1)  # VLR chunk sizes meaning that the chunk table gives each chunk's count
 
 
 def read_points(
@@ -593,10 +604,9 @@ def _read_las(path: pathlib.Path, fields: Sequence[str] | None) -> np.ndarray:
 
 def _check_las_header(path: pathlib.Path, size: int) -> None:
   """Checks the counts in a LAS header that laspy and lazrs trust: laspy loops over the VLR count
-  without looking for the end of the data, and lazrs allocates 16 bytes per chunk of the LAZ chunk
-  table's count (and aborts the process when it cannot)."""
+  without looking for the end of the data; for a .laz, ``_check_laz`` checks what lazrs allocates for."""
   with open(path, "rb") as f:
-    head = f.read(227)
+    head = f.read(375)  # a LAS 1.4 header
     if len(head) < 227 or head[:4] != b"LASF":
       return  # laspy says what is wrong
     header_size, offset, num_vlrs, point_format = struct.unpack_from("<HIIB", head, 94)
@@ -610,21 +620,154 @@ def _check_las_header(path: pathlib.Path, size: int) -> None:
         f"{path}: not a readable LAS file (its header claims {num_vlrs} VLRs of at least "
         f"{LAS_VLR_HEADER} bytes between the {header_size}-byte header and the points at byte {offset})"
       )
-    if not point_format & 0xC0 or offset + 8 > size:  # not compressed, or lazrs finds no chunk table
-      return
+    if point_format & 0xC0:  # compressed
+      _check_laz(path, f, size, head)
+
+
+def _laszip_vlr(f: BinaryIO, header_size: int, num_vlrs: int) -> bytes | None:
+  """The data of the first LASzip VLR, as laspy finds it (walking the VLRs from the end of the header),
+  or None. ``num_vlrs`` has been checked against the bytes before the points."""
+  at = header_size
+  for _ in range(num_vlrs):
+    f.seek(at)
+    vlr = f.read(LAS_VLR_HEADER)
+    if len(vlr) < LAS_VLR_HEADER:
+      return None
+    record_id, length = struct.unpack_from("<HH", vlr, 18)
+    if (vlr[2:18].split(b"\0")[0], record_id) == LASZIP_VLR:
+      return f.read(length)
+    at += LAS_VLR_HEADER + length
+  return None
+
+
+def _check_laz(path: pathlib.Path, f: BinaryIO, size: int, head: bytes) -> None:
+  """Checks what lazrs allocates for as a .laz claims it, before laspy and lazrs read it.
+
+  - The LASzip VLR's items: lazrs keeps 2-10 kB of models per extra byte, so their sizes must add up to
+    the header's point record length (at most 65,535 bytes), as LASzip writes them.
+  - The chunk table: lazrs looks for it where the 8 bytes at the start of the points say, or, when those
+    do not point past them (-1 from a streaming writer), where the last 8 bytes of the file say; it must
+    lie in the file. lazrs allocates 16 bytes per chunk of its count, lazrs.read_chunk_table here a
+    Python tuple: every chunk but an empty last one must have room for its head.
+  - The chunks of layered compression (LAS 1.4 point formats 6-10). lazrs reads them one after the
+    other, each as the LASzip specification lays it out: the first point raw (each item's bytes), a u32
+    count of the chunk's points, a u32 byte size per layer (the items' layers in item order), then the
+    layers' bytes in that order; it allocates each layer's size before reading it (up to 4 GB). This
+    walks the chunks that the header's point count takes, with a seek and a read of the count and sizes
+    per chunk, and requires the layers to end before the chunk table (or the end of the file), the
+    chunk to take the bytes its chunk table entry says, and the count to be 1 to the VLR's chunk size
+    (for variable-size chunks: the count of the chunk table entry). The point-wise chunks of formats 0-5
+    hold no sizes; the check of the header's point count against the file's size bounds them.
+  """
+  header_size, offset, num_vlrs, _, record = struct.unpack_from("<HIIBH", head, 94)
+  if head[25] >= 4 and len(head) < 255:
+    return  # a LAS 1.4 header cut short: laspy says so
+  count = struct.unpack_from("<Q", head, 247)[0] if head[25] >= 4 else struct.unpack_from("<I", head, 107)[0]
+  vlr = _laszip_vlr(f, header_size, num_vlrs)
+  if vlr is None or len(vlr) < 34:
+    return  # laspy or lazrs says what is wrong
+  compressor, chunk_size, num_items = struct.unpack_from("<H10xI16xH", vlr)
+  items = [struct.unpack_from("<HHH", vlr, 34 + 6 * i) for i in range(min(num_items, (len(vlr) - 34) // 6))]
+  if len(items) < num_items or compressor not in (1, 2, 3):
+    return  # lazrs refuses the VLR (0: not compressed)
+  if any(kind not in LAZ_ITEM_SIZES and kind not in (0, 14) for kind, _, _ in items):
+    return  # an unknown item: lazrs refuses the VLR
+  point_bytes = sum(LAZ_ITEM_SIZES.get(kind, item_size) for kind, item_size, _ in items)
+  if point_bytes != record:
+    raise ValueError(
+      f"{path}: not a readable LAZ file (its LASzip VLR describes points of {point_bytes} bytes, its "
+      f"header points of {record} bytes)"
+    )
+  # lazrs decodes layered chunks when the first item is of version 3 or 4, and refuses then any item but
+  # a version 3 one of LAS 1.4's types (src/laszip/details.rs, src/record.rs), after reading the table.
+  layered = bool(items) and items[0][2] in (3, 4)
+  valid = all(version == 3 and kind in (10, 11, 12, 13, 14) for kind, _, version in items)
+  layers = sum(LAZ_ITEM_LAYERS.get(kind, item_size) for kind, item_size, _ in items) if layered else 0
+  # A chunk starts with its first point raw; a layered one then has the point count and layer sizes.
+  chunk_head = max(1, point_bytes + (4 + 4 * layers if layered else 0))
+
+  table = None
+  if compressor != 1 and offset + 8 <= size:  # compressor 1: one chunk of all the points, no table
     f.seek(offset)
     (table,) = struct.unpack("<q", f.read(8))
-    if table == -1:  # written by a streaming LASzip: the offset is in the last 8 bytes
+    if table <= offset:
       f.seek(size - 8)
       (table,) = struct.unpack("<q", f.read(8))
-    if 0 <= table <= size - 8:
-      f.seek(table)
-      _, num_chunks = struct.unpack("<II", f.read(8))
-      if num_chunks > size - offset:  # a chunk takes at least a byte
-        raise ValueError(
-          f"{path}: not a readable LAZ file (its chunk table claims {num_chunks} chunks in "
-          f"{size - offset} bytes of points)"
-        )
+      table = table if table > offset else None  # no table: lazrs fails to read the points
+    # Past the end, the table cannot be read, and where the seek to it fails (past the largest file the
+    # file system allows), lazrs's BufReader keeps its buffer and lazrs reads the chunks 8 bytes late.
+    if table is not None and table > size - 8:
+      raise ValueError(
+        f"{path}: not a readable LAZ file (its chunk table offset {table} is past the end of the file "
+        f"at {size})"
+      )
+  if table is not None:
+    f.seek(table)
+    _, num_chunks = struct.unpack("<II", f.read(8))
+    # Each chunk holds a point, but an empty last one (lazrs writes one when the points fill the chunks).
+    if num_chunks > max(0, table - offset - 8) // chunk_head + 1:
+      raise ValueError(
+        f"{path}: not a readable LAZ file (its chunk table claims {num_chunks} chunks of at least "
+        f"{chunk_head} bytes in the {table - offset - 8} bytes before it)"
+      )
+  if not layered or not valid or count == 0:
+    return
+
+  entries = None  # [(points, bytes)] per chunk; for fixed-size chunks, the points are the chunk size
+  if table is not None:
+    try:
+      import lazrs
+
+      f.seek(offset)
+      entries = lazrs.read_chunk_table(f, lazrs.LazVlr(vlr))
+    except BaseException as e:  # no lazrs, a LazrsError, or pyo3's PanicException: lazrs fails alike
+      if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+        raise
+      table = None
+  variable = chunk_size in LAZ_VARIABLE_CHUNKS
+  at = offset if compressor == 1 else offset + 8  # after the chunk table's offset
+  end, where = (table, "the chunk table") if table is not None else (size, "the end of the file")
+  remaining, i = count, 0
+  while remaining > 0:  # each pass moves `at` on by at least chunk_head bytes, up to `end`
+    if entries is not None and i >= len(entries):
+      raise ValueError(
+        f"{path}: not a readable LAZ file (its chunk table lists {len(entries)} chunks, its header's "
+        f"{count} points need more)"
+      )
+    if at + chunk_head > end:
+      raise ValueError(
+        f"{path}: not a readable LAZ file (chunk {i} at byte {at} runs past {where} at byte {end})"
+      )
+    f.seek(at + point_bytes)
+    points, *sizes = struct.unpack(f"<{1 + layers}I", f.read(4 + 4 * layers))
+    # The points lazrs decodes from the chunk (it reads the chunk's own count only for variable-size
+    # chunks without a table), and the counts that fit.
+    if compressor == 1:
+      takes, fit = remaining, f"1 to the {remaining} points"
+    elif not variable:
+      takes, fit = chunk_size, f"1 to the chunk size {chunk_size}"
+    elif entries is not None:
+      takes, fit = entries[i][0], f"the chunk table's {entries[i][0]}"
+    else:
+      takes, fit = points, "1 or more"
+    if not 1 <= points <= takes or (variable and compressor != 1 and points != takes):
+      raise ValueError(
+        f"{path}: not a readable LAZ file (chunk {i} at byte {at} claims {points} points; {fit} fit)"
+      )
+    chunk = chunk_head + sum(sizes)
+    if at + chunk > end:
+      raise ValueError(
+        f"{path}: not a readable LAZ file (the layers of chunk {i} at byte {at} claim {sum(sizes)} "
+        f"bytes, {end - at - chunk_head} are left before {where} at byte {end})"
+      )
+    if entries is not None and chunk != entries[i][1]:
+      raise ValueError(
+        f"{path}: not a readable LAZ file (chunk {i} at byte {at} takes {chunk} bytes, its chunk table "
+        f"entry says {entries[i][1]})"
+      )
+    at += chunk
+    remaining -= takes
+    i += 1
 
 
 def _parse_pcd_header(path: pathlib.Path, data: bytes) -> tuple[dict[str, list[str]], int]:

@@ -784,6 +784,181 @@ def test_las_hostile_headers(tmp_path, case):
   _raises_bounded(path, message)
 
 
+# LAS 1.4 .laz (point formats 6-10): layered chunks. A chunk holds its first point raw, a u32 point count,
+# a u32 byte size per layer (Point14 has 9 layers, RGB14 1, RGBNIR14 2, Byte14 one per extra byte), then
+# the layers; the arithmetic-coded chunk table after the chunks gives each chunk's bytes.
+
+LAZ14_POINTS = 120_000  # three chunks of lazrs's fixed chunk size, 50,000 (laspy sets no other)
+
+
+def _las14_files(folder, point_format, num_points=LAZ14_POINTS):
+  """A LAS 1.4 cloud of ``point_format`` (7 and 8 with RGB, 8 with NIR, 7 with 5 extra bytes) that laspy
+  writes as ``p.las`` and ``p.laz``: their paths and the names of the fields to compare."""
+  laspy = pytest.importorskip("laspy")
+  pytest.importorskip("lazrs")
+  header = laspy.LasHeader(point_format=point_format, version="1.4")
+  fields = ["x", "y", "z", "intensity", "classification", "gps_time"]
+  if point_format == 7:
+    header.add_extra_dims([laspy.ExtraBytesParams("label", "u1"), laspy.ExtraBytesParams("range", "f4")])
+    fields += ["label", "range"]
+  header.scales = np.array([0.001, 0.001, 0.001])
+  las = laspy.LasData(header)
+  rng = np.random.default_rng(point_format)
+  las.x, las.y, las.z = np.cumsum(rng.normal(0, 0.05, (3, num_points)), axis=1)  # scan-like: smooth
+  las.intensity = rng.integers(0, 4000, num_points)
+  las.classification = rng.integers(0, 20, num_points)
+  las.gps_time = np.arange(num_points) * 1e-5
+  if point_format in (7, 8):
+    las.red, las.green, las.blue = rng.integers(0, 65536, (3, num_points))
+    fields += ["red", "green", "blue"]
+  if point_format == 8:
+    las.nir = rng.integers(0, 65536, num_points)
+    fields += ["nir"]
+  if point_format == 7:
+    las.label, las.range = rng.integers(0, 256, num_points), rng.uniform(0, 100, num_points)
+  for suffix in (".las", ".laz"):
+    las.write(str(folder / f"p{suffix}"))
+  return folder / "p.las", folder / "p.laz", fields
+
+
+def _laz_vlr(data):
+  """The lazrs.LazVlr of a .laz's LASzip VLR (its header: the data length at byte 20, the data at 54)."""
+  lazrs = pytest.importorskip("lazrs")
+  at = data.index(b"laszip encoded") - 2
+  return lazrs.LazVlr(bytes(data[at + 54 : at + 54 + struct.unpack_from("<H", data, at + 20)[0]]))
+
+
+def _laz_entries(data):
+  """A .laz's chunk table, ``[(points, bytes)]`` per chunk, as lazrs reads it."""
+  lazrs = pytest.importorskip("lazrs")
+  source = io.BytesIO(bytes(data))
+  source.seek(struct.unpack_from("<I", data, 96)[0])
+  return lazrs.read_chunk_table(source, _laz_vlr(data))
+
+
+def _chunk_start(data, index):
+  """Where chunk ``index`` of a .laz starts: after the table's 8-byte offset and the chunks before."""
+  return struct.unpack_from("<I", data, 96)[0] + 8 + sum(size for _, size in _laz_entries(data)[:index])
+
+
+def _with_entries(data, edit):
+  """``data`` with its chunk table replaced by ``edit(entries)``, encoded again in the same place."""
+  lazrs = pytest.importorskip("lazrs")
+  out = io.BytesIO()
+  out.write(bytes(data[: _laz_chunk_table(data)]))
+  lazrs.write_chunk_table(out, edit(list(_laz_entries(data))), _laz_vlr(data))
+  return bytearray(out.getvalue())
+
+
+def _laz_variable_chunks(las_path, laz_path, chunks):
+  """Rewrites ``laz_path`` in variable-size chunks of ``chunks`` points each: the LASzip VLR's chunk size
+  set to 2**32 - 1 (variable), and the points of ``las_path`` compressed by lazrs chunk by chunk."""
+  lazrs = pytest.importorskip("lazrs")
+  data = bytearray(laz_path.read_bytes())
+  struct.pack_into("<I", data, data.index(b"laszip encoded") - 2 + 54 + 12, 2**32 - 1)
+  las = las_path.read_bytes()
+  record = struct.unpack_from("<H", las, 105)[0]
+  assert sum(chunks) * record == len(las) - struct.unpack_from("<I", las, 96)[0]
+  bounds = struct.unpack_from("<I", las, 96)[0] + np.cumsum([0, *chunks]) * record
+  out = io.BytesIO()
+  out.write(bytes(data[: struct.unpack_from("<I", data, 96)[0]]))
+  compressor = lazrs.LasZipCompressor(out, _laz_vlr(data))
+  compressor.compress_chunks([las[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+  compressor.done()
+  laz_path.write_bytes(out.getvalue())
+
+
+VARIABLE_CHUNKS = (1, 69_999, 50_000)  # points: a chunk of one point (empty layers), one over 50,000
+POINT14 = 30 + 4  # a format 6 chunk's first point (a Point14 item), then its count: the layer sizes follow
+
+LAYERED = {
+  # case: (point format, variable chunks, patch, message)
+  "layer-size": (
+    6, None, lambda d: _patch(d, _chunk_start(d, 0) + POINT14, "<I", 2**32 - 1),
+    r"the layers of chunk 0 at byte \d+ claim 429\d+ bytes, \d+ are left before the chunk table at byte",
+  ),
+  "last-layer-size": (  # the gps time layer, the last of Point14's 9, of the last chunk
+    6, None, lambda d: _patch(d, _chunk_start(d, 2) + POINT14 + 4 * 8, "<I", 2**32 - 1),
+    r"the layers of chunk 2 at byte \d+ claim 429\d+ bytes, \d+ are left before the chunk table",
+  ),
+  "chunk-bytes": (  # a chunk table entry running a billion bytes past the table
+    6, None, lambda d: _with_entries(d, lambda e: [e[0], (e[1][0], e[1][1] + 10**9), *e[2:]]),
+    r"chunk 1 at byte \d+ takes \d+ bytes, its chunk table entry says 1000\d+\)",
+  ),
+  "truncated": (
+    6, None, lambda d: d[: _chunk_start(d, 1) + 1000],
+    r"its chunk table offset \d+ is past the end of the file at \d+\)",
+  ),
+  "chunk-points": (
+    6, None, lambda d: _patch(d, _chunk_start(d, 1) + 30, "<I", 50_001),
+    r"chunk 1 at byte \d+ claims 50001 points; 1 to the chunk size 50000 fit\)",
+  ),
+  "no-points": (
+    6, None, lambda d: _patch(d, _chunk_start(d, 0) + 30, "<I", 0),
+    r"chunk 0 at byte \d+ claims 0 points; 1 to the chunk size 50000 fit\)",
+  ),
+  "chunks": (
+    6, None, lambda d: _patch(d, _laz_chunk_table(d) + 4, "<I", 2**32 - 1),
+    r"its chunk table claims 4294967295 chunks of at least 70 bytes in the \d+ bytes before it\)",
+  ),
+  "bad-item-chunks": (  # lazrs reads the chunk table before it refuses an item of version 0
+    6, None,
+    lambda d: _patch(_patch(d, d.index(b"laszip encoded") + 52 + 34 + 4, "<H", 0), _laz_chunk_table(d) + 4,
+                     "<I", 2**31),
+    r"its chunk table claims 2147483648 chunks of at least 30 bytes",
+  ),
+  "table-offset": (  # where the seek there fails, lazrs reads the chunks 8 bytes late (a fuzzed seed: 2.5 GB)
+    6, None, lambda d: _patch(d, struct.unpack_from("<I", d, 96)[0] + 6, "<B", 0x80),
+    r"its chunk table offset 3602879\d+ is past the end of the file at \d+\)",
+  ),
+  "header-count": (
+    6, None, lambda d: _patch(d, 247, "<Q", 200_000),
+    r"its chunk table lists 3 chunks, its header's 200000 points need more\)",
+  ),
+  "extra-bytes": (  # Byte14's size: lazrs would build ~9 kB of models per byte, 600 MB for these
+    7, None, lambda d: _patch(d, d.index(b"laszip encoded") - 2 + 54 + 34 + 2 * 6 + 2, "<H", 65_000),
+    r"its LASzip VLR describes points of 65036 bytes, its header points of 41 bytes\)",
+  ),
+  "variable-points": (
+    6, VARIABLE_CHUNKS, lambda d: _with_entries(d, lambda e: [e[0], (69_998, e[1][1]), *e[2:]]),
+    r"chunk 1 at byte \d+ claims 69999 points; the chunk table's 69998 fit\)",
+  ),
+  "variable-layer-size": (
+    8, VARIABLE_CHUNKS, lambda d: _patch(d, _chunk_start(d, 1) + 38 + 4 + 4 * 10, "<I", 2**32 - 1),  # NIR
+    r"the layers of chunk 1 at byte \d+ claim 429\d+ bytes",
+  ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(LAYERED))
+def test_laz_layered_hostile(tmp_path, case):
+  point_format, chunks, patch, message = LAYERED[case]
+  las_path, laz_path, _ = _las14_files(tmp_path, point_format)
+  if chunks:
+    _laz_variable_chunks(las_path, laz_path, chunks)
+  np.testing.assert_array_equal(read_points(laz_path), read_points(las_path))  # before the patch
+  path = tmp_path / f"{case}.laz"
+  path.write_bytes(patch(bytearray(laz_path.read_bytes())))
+  _raises_bounded(path, r": not a readable LAZ file \(" + message)
+
+
+@pytest.mark.parametrize("point_format", [6, 7, 8])
+@pytest.mark.parametrize("chunks", [None, VARIABLE_CHUNKS], ids=["fixed", "variable"])
+def test_laz14_reads_as_las(tmp_path, point_format, chunks):
+  las_path, laz_path, fields = _las14_files(tmp_path, point_format)
+  if chunks:
+    _laz_variable_chunks(las_path, laz_path, chunks)
+  entries = _laz_entries(laz_path.read_bytes())
+  if chunks:  # lazrs ends with an empty chunk after the last one written
+    assert entries == [(n, entries[i][1]) for i, n in enumerate(chunks)] + [(0, 0)]
+  else:
+    assert [n for n, _ in entries] == [50_000] * 3
+  for names in (None, fields):
+    out = read_points(laz_path, fields=names)
+    assert out.shape == (LAZ14_POINTS, len(names or "xyzi"))
+    np.testing.assert_array_equal(out, read_points(las_path, fields=names))
+
+
 class _Touch:
   """Unpickling it creates a file: the proof that a reader unpickled."""
 
@@ -1066,25 +1241,29 @@ def _seed_mesh(text):
   return build
 
 
-def _seed_las(version, suffix):
+def _seed_las(version, suffix, point_format=3):
   def build(folder):
     laspy = pytest.importorskip("laspy")
     if suffix == ".laz":
       pytest.importorskip("lazrs")
     points = _fuzz_points()
-    header = laspy.LasHeader(point_format=3, version=version)
+    header = laspy.LasHeader(point_format=point_format, version=version)
+    if point_format == 7:  # RGB and 5 extra bytes: LASzip's RGB14 and Byte14 items (a layer per byte)
+      header.add_extra_dims([laspy.ExtraBytesParams("label", "u1"), laspy.ExtraBytesParams("range", "f4")])
     header.scales = np.array([0.01, 0.01, 0.01])
     las = laspy.LasData(header)
     las.x, las.y, las.z = points[:, 0], points[:, 1], points[:, 2]
     las.intensity = points[:, 3].astype(np.uint16)
+    if point_format == 7:
+      las.red, las.label, las.range = np.arange(12) * 5000, np.arange(12), points[:, 0]
     las.write(str(folder / f"seed{suffix}"))
     return (folder / f"seed{suffix}").read_bytes()
 
   return build
 
 
-# LAZ of point formats 6-10 (layered) is left out: lazrs allocates each layer's size as its header
-# claims (up to 4 GB a layer, read from the file) and aborts the process when it cannot.
+# The .laz of LAS 1.4 point formats (6, 7) have layered chunks: lazrs allocates each layer's size as the
+# chunk claims, which _io._check_laz bounds first.
 FUZZ_SEEDS = {
   "scan.bin": _seed_written(".bin"),
   "scan.npy": _seed_written(".npy"),
@@ -1100,6 +1279,8 @@ FUZZ_SEEDS = {
   "v12.las": _seed_las("1.2", ".las"),
   "v14.las": _seed_las("1.4", ".las"),
   "v12.laz": _seed_las("1.2", ".laz"),
+  "v14-format6.laz": _seed_las("1.4", ".laz", point_format=6),
+  "v14-format7.laz": _seed_las("1.4", ".laz", point_format=7),
 }
 HUGE_NUMBERS = [b"1000000000000", b"4294967295", b"4294967296", b"-1", b"0", b"9" * 30]
 
