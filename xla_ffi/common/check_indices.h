@@ -6,6 +6,15 @@
 
 #include "device.h"
 
+// The operand, attributes and result of jsparse_check_indices, bound after the device's context
+// (`ffi::Ffi::Bind().Ctx<...>() JSPARSE_CHECK_INDICES_SIGNATURE`): both devices bind the same ones in
+// the same order, so a call built in Python fits either.
+#define JSPARSE_CHECK_INDICES_SIGNATURE                                                  \
+  .Arg<ffi::AnyBuffer>()                               /* indices [N, 1 + ndim] int32 */ \
+      .Attr<ffi::Span<const int64_t>>("spatial_shape") /* int64 array, ndim entries */   \
+      .Attr<int64_t>("batch_size")                     /* int64 scalar */                \
+      .Ret<ffi::Buffer<ffi::S32>>()                    /* status [N] int32 */
+
 namespace jsparse {
 
 // Largest number of spatial dimensions any kernel accepts.

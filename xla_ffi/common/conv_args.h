@@ -8,6 +8,33 @@
 #include "device.h"
 #include "xla/ffi/api/ffi.h"
 
+// The operands, attributes and results of each handler, bound after the device's contexts
+// (`ffi::Ffi::Bind().Ctx<...>() JSPARSE_CONV_..._SIGNATURE`): both devices bind the same ones in
+// the same order, so a call built in Python fits either.
+#define JSPARSE_CONV_GATHER_GEMM_SIGNATURE                                    \
+  .Arg<ffi::AnyBuffer>()             /* features [N_in, C_in] */              \
+      .Arg<ffi::AnyBuffer>()         /* kernel [K, C_in // groups, C_out] */  \
+      .Arg<ffi::AnyBuffer>()         /* nbr int32 [N_out, K] */               \
+      .Attr<int64_t>("groups")       /* channel groups */                     \
+      .Attr<int64_t>("reverse_taps") /* 1: tap k reads nbr[:, K - 1 - k] */   \
+      .Ret<ffi::AnyBuffer>()         /* out [N_out, C_out] */
+
+#define JSPARSE_CONV_WEIGHT_GRAD_SIGNATURE                                    \
+  .Arg<ffi::AnyBuffer>()             /* features [N_in, C_in] */              \
+      .Arg<ffi::AnyBuffer>()         /* d_out [N_out, C_out] */               \
+      .Arg<ffi::AnyBuffer>()         /* nbr int32 [N_out, K] */               \
+      .Attr<int64_t>("groups")       /* channel groups */                     \
+      .Ret<ffi::AnyBuffer>()         /* d_kernel [K, C_in // groups, C_out] */
+
+#define JSPARSE_CONV_BACKWARD_SYMMETRIC_SIGNATURE                                                   \
+  .Arg<ffi::AnyBuffer>()             /* features [N, C_in] */                                       \
+      .Arg<ffi::AnyBuffer>()         /* d_out [N, C_out] */                                         \
+      .Arg<ffi::AnyBuffer>()         /* kernel_t [K, C_out // groups, C_in]: per group transposed */ \
+      .Arg<ffi::AnyBuffer>()         /* nbr int32 [N, K], an odd submanifold map */                 \
+      .Attr<int64_t>("groups")       /* channel groups */                                           \
+      .Ret<ffi::AnyBuffer>()         /* d_features [N, C_in] */                                     \
+      .Ret<ffi::AnyBuffer>()         /* d_kernel [K, C_in // groups, C_out] */
+
 namespace jsparse {
 
 // The channel layout shared by the handlers: C_in = groups * a, C_out = groups * b. Passed to

@@ -12,6 +12,34 @@
 #include "args.h"
 #include "xla/ffi/api/ffi.h"
 
+// The operands and results of each handler, bound after the device's contexts, if any
+// (`ffi::Ffi::Bind().Ctx<...>() JSPARSE_HASH_TABLE_..._SIGNATURE`): both devices bind the same ones
+// in the same order, so a call built in Python fits either.
+#define JSPARSE_HASH_TABLE_INSERT_SIGNATURE                                                  \
+  .Arg<ffi::AnyBuffer>()     /* table keys [capacity] int32 | int64 */                       \
+      .Arg<ffi::AnyBuffer>() /* table values [capacity] int32 | int64 | float32 | float64 */ \
+      .Arg<ffi::AnyBuffer>() /* dropped [] int32 */                                          \
+      .Arg<ffi::AnyBuffer>() /* keys [N], the table's key dtype */                           \
+      .Arg<ffi::AnyBuffer>() /* values [N], the table's value dtype */                       \
+      .Ret<ffi::AnyBuffer>() /* table keys [capacity], aliases argument 0 */                 \
+      .Ret<ffi::AnyBuffer>() /* table values [capacity], aliases argument 1 */               \
+      .Ret<ffi::AnyBuffer>() /* dropped [] int32, aliases argument 2 */
+
+#define JSPARSE_HASH_TABLE_QUERY_SIGNATURE                                                   \
+  .Arg<ffi::AnyBuffer>()     /* table keys [capacity] int32 | int64 */                       \
+      .Arg<ffi::AnyBuffer>() /* table values [capacity] int32 | int64 | float32 | float64 */ \
+      .Arg<ffi::AnyBuffer>() /* keys [N], the table's key dtype */                           \
+      .Ret<ffi::AnyBuffer>() /* values [N], the table's value dtype (0 where not found) */   \
+      .Ret<ffi::AnyBuffer>() /* found [N] bool */
+
+#define JSPARSE_HASH_TABLE_INSERT_EXIST_KEYS_SIGNATURE                                       \
+  .Arg<ffi::AnyBuffer>()     /* table keys [capacity] int32 | int64 */                       \
+      .Arg<ffi::AnyBuffer>() /* table values [capacity] int32 | int64 | float32 | float64 */ \
+      .Arg<ffi::AnyBuffer>() /* keys [N], the table's key dtype */                           \
+      .Arg<ffi::AnyBuffer>() /* values [N], the table's value dtype */                       \
+      .Ret<ffi::AnyBuffer>() /* table values [capacity], aliases argument 1 */               \
+      .Ret<ffi::AnyBuffer>() /* found [N] bool */
+
 namespace jsparse {
 
 inline bool IsHashKeyType(ffi::DataType t) { return t == ffi::S32 || t == ffi::S64; }

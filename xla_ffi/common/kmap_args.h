@@ -22,6 +22,31 @@
       .Attr<int64_t>("transpose")                         \
       .Attr<int64_t>("batch_size")
 
+// The operands, attributes and results of each map handler, bound after the device's contexts
+// (`ffi::Ffi::Bind().Ctx<...>() JSPARSE_KMAP_..._SIGNATURE`): both devices bind the same ones in the
+// same order, so a call built in Python fits either.
+#define JSPARSE_KMAP_OUTPUT_SITES_SIGNATURE                                   \
+  .Arg<ffi::AnyBuffer>()         /* indices int32 [N_in, 1 + ndim] */         \
+      JSPARSE_MAP_GEOMETRY_ATTRS                                              \
+      .Ret<ffi::AnyBuffer>()     /* out_indices int32 [capacity, 1 + ndim] */ \
+      .Ret<ffi::AnyBuffer>()     /* num_out int32 [] */
+
+#define JSPARSE_KMAP_NEIGHBORS_SIGNATURE                                                 \
+  .Arg<ffi::AnyBuffer>()          /* in_indices int32 [N_in, 1 + ndim] */                \
+      .Arg<ffi::AnyBuffer>()      /* out_indices int32 [N_out, 1 + ndim] */              \
+      JSPARSE_MAP_GEOMETRY_ATTRS                                                         \
+      .Attr<int64_t>("symmetric") /* 1: odd submanifold map, out_indices = in_indices */ \
+      .Ret<ffi::AnyBuffer>()      /* nbr int32 [N_out, K] */                             \
+      .Ret<ffi::AnyBuffer>()      /* nbr_t int32 [N_in, K] or [0, K] */
+
+#define JSPARSE_KMAP_BUILD_SIGNATURE                                          \
+  .Arg<ffi::AnyBuffer>()         /* indices int32 [N_in, 1 + ndim] */         \
+      JSPARSE_MAP_GEOMETRY_ATTRS                                              \
+      .Ret<ffi::AnyBuffer>()     /* out_indices int32 [capacity, 1 + ndim] */ \
+      .Ret<ffi::AnyBuffer>()     /* num_out int32 [] */                       \
+      .Ret<ffi::AnyBuffer>()     /* nbr int32 [capacity, K] */                \
+      .Ret<ffi::AnyBuffer>()     /* nbr_t int32 [N_in, K] */
+
 namespace jsparse {
 
 struct GeometryAttrs {

@@ -8,6 +8,32 @@
 #include "args.h"
 #include "xla/ffi/api/ffi.h"
 
+// The operands and results of each handler, bound after the device's context
+// (`ffi::Ffi::Bind().Ctx<...>() JSPARSE_POOL_..._SIGNATURE`): both devices bind the same ones in the
+// same order, so a call built in Python fits either.
+#define JSPARSE_POOL_MAX_SIGNATURE                                                          \
+  .Arg<ffi::AnyBuffer>()     /* features [N_in, C] */                                       \
+      .Arg<ffi::AnyBuffer>() /* nbr int32 [N_out, K] */                                     \
+      .Ret<ffi::AnyBuffer>() /* out [N_out, C] */                                           \
+      .Ret<ffi::AnyBuffer>() /* arg int32 [N_out, C]: the tap of the maximum, -1 if none */
+
+#define JSPARSE_POOL_MAX_GRAD_SIGNATURE                  \
+  .Arg<ffi::AnyBuffer>()     /* d_out [N_out, C] */      \
+      .Arg<ffi::AnyBuffer>() /* arg int32 [N_out, C] */  \
+      .Arg<ffi::AnyBuffer>() /* nbr_t int32 [N_in, K] */ \
+      .Ret<ffi::AnyBuffer>() /* d_features [N_in, C] */
+
+#define JSPARSE_POOL_AVG_SIGNATURE                                                  \
+  .Arg<ffi::AnyBuffer>()     /* features [N_in, C] */                               \
+      .Arg<ffi::AnyBuffer>() /* nbr int32 [N_out, K] */                             \
+      .Arg<ffi::AnyBuffer>() /* counts int32 [N_out]: active taps per output row */ \
+      .Ret<ffi::AnyBuffer>() /* out [N_out, C] */
+
+#define JSPARSE_POOL_AVG_GRAD_SIGNATURE                              \
+  .Arg<ffi::AnyBuffer>()     /* float32 d_out / counts [N_out, C] */ \
+      .Arg<ffi::AnyBuffer>() /* nbr_t int32 [N_in, K] */             \
+      .Ret<ffi::AnyBuffer>() /* d_features [N_in, C] */
+
 namespace jsparse {
 
 // The sizes of a pooling handler. Each one reads rows of a source buffer [n_src, channels]

@@ -538,38 +538,17 @@ ffi::Future BackwardSymmetricImpl(ffi::ThreadPool pool, ffi::AnyBuffer features,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseConvGatherGemmCpu, jsparse::GatherGemmImpl,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::AnyBuffer>()       // features [N_in, C_in]
-        .Arg<ffi::AnyBuffer>()       // kernel [K, C_in // groups, C_out]
-        .Arg<ffi::AnyBuffer>()       // nbr int32 [N_out, K]
-        .Attr<int64_t>("groups")     // channel groups
-        .Attr<int64_t>("reverse_taps")  // 1: tap k reads nbr[:, K - 1 - k]
-        .Ret<ffi::AnyBuffer>());     // out [N_out, C_out]
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSPARSE_CONV_GATHER_GEMM_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseConvWeightGradCpu, jsparse::WeightGradImpl,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::AnyBuffer>()       // features [N_in, C_in]
-        .Arg<ffi::AnyBuffer>()       // d_out [N_out, C_out]
-        .Arg<ffi::AnyBuffer>()       // nbr int32 [N_out, K]
-        .Attr<int64_t>("groups")     // channel groups
-        .Ret<ffi::AnyBuffer>());     // d_kernel [K, C_in // groups, C_out]
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSPARSE_CONV_WEIGHT_GRAD_SIGNATURE);
 
 JSPARSE_REGISTER_FFI_TARGET("jsparse_conv_gather_gemm", JsparseConvGatherGemmCpu);
 JSPARSE_REGISTER_FFI_TARGET("jsparse_conv_weight_grad", JsparseConvWeightGradCpu);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseConvBackwardSymmetricCpu, jsparse::BackwardSymmetricImpl,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::AnyBuffer>()       // features [N, C_in]
-        .Arg<ffi::AnyBuffer>()       // d_out [N, C_out]
-        .Arg<ffi::AnyBuffer>()       // kernel_t [K, C_out // groups, C_in]: per group transposed
-        .Arg<ffi::AnyBuffer>()       // nbr int32 [N, K], an odd submanifold map
-        .Attr<int64_t>("groups")     // channel groups
-        .Ret<ffi::AnyBuffer>()       // d_features [N, C_in]
-        .Ret<ffi::AnyBuffer>());     // d_kernel [K, C_in // groups, C_out]
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSPARSE_CONV_BACKWARD_SYMMETRIC_SIGNATURE);
 
 JSPARSE_REGISTER_FFI_TARGET("jsparse_conv_backward_symmetric", JsparseConvBackwardSymmetricCpu);

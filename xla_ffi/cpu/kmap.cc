@@ -682,34 +682,15 @@ ffi::Future NeighborsEntry(ffi::ThreadPool pool, ffi::AnyBuffer in_indices, ffi:
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseKmapOutputSitesCpu, jsparse::OutputSitesEntry,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::AnyBuffer>()  // indices int32 [N_in, 1 + ndim]
-        JSPARSE_MAP_GEOMETRY_ATTRS
-        .Ret<ffi::AnyBuffer>()   // out_indices int32 [capacity, 1 + ndim]
-        .Ret<ffi::AnyBuffer>()); // num_out int32 []
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSPARSE_KMAP_OUTPUT_SITES_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseKmapNeighborsCpu, jsparse::NeighborsEntry,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::AnyBuffer>()  // in_indices int32 [N_in, 1 + ndim]
-        .Arg<ffi::AnyBuffer>()  // out_indices int32 [N_out, 1 + ndim]
-        JSPARSE_MAP_GEOMETRY_ATTRS
-        .Attr<int64_t>("symmetric")  // 1: odd submanifold map, out_indices = in_indices
-        .Ret<ffi::AnyBuffer>()   // nbr int32 [N_out, K]
-        .Ret<ffi::AnyBuffer>()); // nbr_t int32 [N_in, K] or [0, K]
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSPARSE_KMAP_NEIGHBORS_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseKmapBuildCpu, jsparse::BuildMapEntry,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::ThreadPool>()
-        .Arg<ffi::AnyBuffer>()  // indices int32 [N_in, 1 + ndim]
-        JSPARSE_MAP_GEOMETRY_ATTRS
-        .Ret<ffi::AnyBuffer>()   // out_indices int32 [capacity, 1 + ndim]
-        .Ret<ffi::AnyBuffer>()   // num_out int32 []
-        .Ret<ffi::AnyBuffer>()   // nbr int32 [capacity, K]
-        .Ret<ffi::AnyBuffer>()); // nbr_t int32 [N_in, K]
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>() JSPARSE_KMAP_BUILD_SIGNATURE);
 
 JSPARSE_REGISTER_FFI_TARGET("jsparse_kmap_output_sites", JsparseKmapOutputSitesCpu);
 JSPARSE_REGISTER_FFI_TARGET("jsparse_kmap_build", JsparseKmapBuildCpu);

@@ -413,18 +413,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseVoxelizeCpu, jsparse::Voxelize,
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()                       // the XLA intra-op pool
-        .Arg<ffi::AnyBuffer>()                        // points [P, F] float32, x, y[, z[, t]] first
-        .Arg<ffi::AnyBuffer>()                        // num_points [] int32: rows past it are padding
-        .Arg<ffi::AnyBuffer>()                        // reused voxels, never read: an empty array, or old
-                                                      // voxels the caller donated, aliased to the result
-        .Attr<ffi::Span<const float>>("voxel_size")   // [ndim] float32, xyz order
-        .Attr<ffi::Span<const float>>("range_min")    // [ndim] float32, xyz order
-        .Attr<ffi::Span<const int64_t>>("grid_size")  // [ndim], xyz order
-        .Attr<int64_t>("empty_mean")                  // 1: empty slots hold the voxel's mean
-        .Ret<ffi::AnyBuffer>()                        // voxels [V, M, F] float32
-        .Ret<ffi::AnyBuffer>()                        // coords [V, ndim] int32, zyx; padding rows -1
-        .Ret<ffi::AnyBuffer>()                        // num_points_per_voxel [V] int32; padding rows 0
-        .Ret<ffi::AnyBuffer>()                        // pc_voxel_id [P] int32, -1 when not voxelized
-        .Ret<ffi::AnyBuffer>());                      // num_voxels [] int32, may exceed V
+        JSPARSE_VOXELIZE_SIGNATURE);
 
 JSPARSE_REGISTER_FFI_TARGET("jsparse_voxelize", JsparseVoxelizeCpu);

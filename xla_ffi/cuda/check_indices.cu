@@ -72,9 +72,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseCheckIndicesCuda, jsparse::CheckIndicesImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()         // stream
-        .Arg<jsparse::IndicesBuffer>()                    // indices [N, 1 + ndim] int32
-        .Attr<ffi::Span<const int64_t>>("spatial_shape")  // int64 array, ndim entries
-        .Attr<int64_t>("batch_size")                      // int64 scalar
-        .Ret<ffi::Buffer<ffi::S32>>());                   // status [N] int32
+        JSPARSE_CHECK_INDICES_SIGNATURE);
 
 JSPARSE_REGISTER_FFI_TARGET("jsparse_check_indices", JsparseCheckIndicesCuda);

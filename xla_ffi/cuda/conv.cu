@@ -312,38 +312,21 @@ ffi::Error BackwardSymmetricImpl(cudaStream_t stream, ffi::ScratchAllocator scra
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseConvGatherGemmCuda, jsparse::GatherGemmImpl,
-    ffi::Ffi::Bind()
-        .Ctx<ffi::PlatformStream<cudaStream_t>>()
-        .Arg<ffi::AnyBuffer>()          // features [N_in, C_in]
-        .Arg<ffi::AnyBuffer>()          // kernel [K, C_in // groups, C_out]
-        .Arg<ffi::AnyBuffer>()          // nbr int32 [N_out, K]
-        .Attr<int64_t>("groups")        // channel groups
-        .Attr<int64_t>("reverse_taps")  // 1: tap k reads nbr[:, K - 1 - k]
-        .Ret<ffi::AnyBuffer>());        // out [N_out, C_out]
+    ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>() JSPARSE_CONV_GATHER_GEMM_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseConvWeightGradCuda, jsparse::WeightGradImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
         .Ctx<ffi::ScratchAllocator>()
-        .Arg<ffi::AnyBuffer>()       // features [N_in, C_in]
-        .Arg<ffi::AnyBuffer>()       // d_out [N_out, C_out]
-        .Arg<ffi::AnyBuffer>()       // nbr int32 [N_out, K]
-        .Attr<int64_t>("groups")     // channel groups
-        .Ret<ffi::AnyBuffer>());     // d_kernel [K, C_in // groups, C_out]
+        JSPARSE_CONV_WEIGHT_GRAD_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseConvBackwardSymmetricCuda, jsparse::BackwardSymmetricImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
         .Ctx<ffi::ScratchAllocator>()
-        .Arg<ffi::AnyBuffer>()       // features [N, C_in]
-        .Arg<ffi::AnyBuffer>()       // d_out [N, C_out]
-        .Arg<ffi::AnyBuffer>()       // kernel_t [K, C_out // groups, C_in]: per group transposed
-        .Arg<ffi::AnyBuffer>()       // nbr int32 [N, K], an odd submanifold map
-        .Attr<int64_t>("groups")     // channel groups
-        .Ret<ffi::AnyBuffer>()       // d_features [N, C_in]
-        .Ret<ffi::AnyBuffer>());     // d_kernel [K, C_in // groups, C_out]
+        JSPARSE_CONV_BACKWARD_SYMMETRIC_SIGNATURE);
 
 JSPARSE_REGISTER_FFI_TARGET("jsparse_conv_gather_gemm", JsparseConvGatherGemmCuda);
 JSPARSE_REGISTER_FFI_TARGET("jsparse_conv_weight_grad", JsparseConvWeightGradCuda);

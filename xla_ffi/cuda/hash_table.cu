@@ -187,36 +187,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseHashTableInsertCuda, jsparse::HashTableInsert,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()  // stream
-        .Arg<ffi::AnyBuffer>()      // table keys [capacity] int32 | int64
-        .Arg<ffi::AnyBuffer>()      // table values [capacity] int32 | int64 | float32 | float64
-        .Arg<ffi::AnyBuffer>()      // dropped [] int32
-        .Arg<ffi::AnyBuffer>()      // keys [N], the table's key dtype
-        .Arg<ffi::AnyBuffer>()      // values [N], the table's value dtype
-        .Ret<ffi::AnyBuffer>()      // table keys [capacity], aliases argument 0
-        .Ret<ffi::AnyBuffer>()      // table values [capacity], aliases argument 1
-        .Ret<ffi::AnyBuffer>());    // dropped [] int32, aliases argument 2
+        JSPARSE_HASH_TABLE_INSERT_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseHashTableQueryCuda, jsparse::HashTableQuery,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()  // stream
-        .Arg<ffi::AnyBuffer>()      // table keys [capacity] int32 | int64
-        .Arg<ffi::AnyBuffer>()      // table values [capacity] int32 | int64 | float32 | float64
-        .Arg<ffi::AnyBuffer>()      // keys [N], the table's key dtype
-        .Ret<ffi::AnyBuffer>()      // values [N], the table's value dtype (0 where not found)
-        .Ret<ffi::AnyBuffer>());    // found [N] bool
+        JSPARSE_HASH_TABLE_QUERY_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseHashTableInsertExistKeysCuda, jsparse::HashTableInsertExistKeys,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()  // stream
         .Ctx<ffi::ScratchAllocator>()              // one word per slot: the last key that found it
-        .Arg<ffi::AnyBuffer>()      // table keys [capacity] int32 | int64
-        .Arg<ffi::AnyBuffer>()      // table values [capacity] int32 | int64 | float32 | float64
-        .Arg<ffi::AnyBuffer>()      // keys [N], the table's key dtype
-        .Arg<ffi::AnyBuffer>()      // values [N], the table's value dtype
-        .Ret<ffi::AnyBuffer>()      // table values [capacity], aliases argument 1
-        .Ret<ffi::AnyBuffer>());    // found [N] bool
+        JSPARSE_HASH_TABLE_INSERT_EXIST_KEYS_SIGNATURE);
 
 JSPARSE_REGISTER_FFI_TARGET("jsparse_hash_table_insert", JsparseHashTableInsertCuda);
 JSPARSE_REGISTER_FFI_TARGET("jsparse_hash_table_query", JsparseHashTableQueryCuda);

@@ -410,34 +410,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
         .Ctx<ffi::ScratchAllocator>()
-        .Arg<ffi::AnyBuffer>()  // indices int32 [N_in, 1 + ndim]
-        JSPARSE_MAP_GEOMETRY_ATTRS
-        .Ret<ffi::AnyBuffer>()   // out_indices int32 [capacity, 1 + ndim]
-        .Ret<ffi::AnyBuffer>()); // num_out int32 []
+        JSPARSE_KMAP_OUTPUT_SITES_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseKmapNeighborsCuda, jsparse::NeighborsEntry,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
         .Ctx<ffi::ScratchAllocator>()
-        .Arg<ffi::AnyBuffer>()  // in_indices int32 [N_in, 1 + ndim]
-        .Arg<ffi::AnyBuffer>()  // out_indices int32 [N_out, 1 + ndim]
-        JSPARSE_MAP_GEOMETRY_ATTRS
-        .Attr<int64_t>("symmetric")  // 1: odd submanifold map, out_indices = in_indices
-        .Ret<ffi::AnyBuffer>()   // nbr int32 [N_out, K]
-        .Ret<ffi::AnyBuffer>()); // nbr_t int32 [N_in, K] or [0, K]
+        JSPARSE_KMAP_NEIGHBORS_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparseKmapBuildCuda, jsparse::BuildMapEntry,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()
         .Ctx<ffi::ScratchAllocator>()
-        .Arg<ffi::AnyBuffer>()  // indices int32 [N_in, 1 + ndim]
-        JSPARSE_MAP_GEOMETRY_ATTRS
-        .Ret<ffi::AnyBuffer>()   // out_indices int32 [capacity, 1 + ndim]
-        .Ret<ffi::AnyBuffer>()   // num_out int32 []
-        .Ret<ffi::AnyBuffer>()   // nbr int32 [capacity, K]
-        .Ret<ffi::AnyBuffer>()); // nbr_t int32 [N_in, K]
+        JSPARSE_KMAP_BUILD_SIGNATURE);
 
 JSPARSE_REGISTER_FFI_TARGET("jsparse_kmap_output_sites", JsparseKmapOutputSitesCuda);
 JSPARSE_REGISTER_FFI_TARGET("jsparse_kmap_build", JsparseKmapBuildCuda);

@@ -186,36 +186,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparsePoolMaxCuda, jsparse::PoolMaxImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()  // stream
-        .Arg<ffi::AnyBuffer>()                     // features [N_in, C]
-        .Arg<ffi::AnyBuffer>()                     // nbr int32 [N_out, K]
-        .Ret<ffi::AnyBuffer>()                     // out [N_out, C]
-        .Ret<ffi::AnyBuffer>());                   // arg int32 [N_out, C]: the tap of the maximum, -1 if none
+        JSPARSE_POOL_MAX_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparsePoolMaxGradCuda, jsparse::PoolMaxGradImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()  // stream
-        .Arg<ffi::AnyBuffer>()                     // d_out [N_out, C]
-        .Arg<ffi::AnyBuffer>()                     // arg int32 [N_out, C]
-        .Arg<ffi::AnyBuffer>()                     // nbr_t int32 [N_in, K]
-        .Ret<ffi::AnyBuffer>());                   // d_features [N_in, C]
+        JSPARSE_POOL_MAX_GRAD_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparsePoolAvgCuda, jsparse::PoolAvgImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()  // stream
-        .Arg<ffi::AnyBuffer>()                     // features [N_in, C]
-        .Arg<ffi::AnyBuffer>()                     // nbr int32 [N_out, K]
-        .Arg<ffi::AnyBuffer>()                     // counts int32 [N_out]: active taps per output row
-        .Ret<ffi::AnyBuffer>());                   // out [N_out, C]
+        JSPARSE_POOL_AVG_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JsparsePoolAvgGradCuda, jsparse::PoolAvgGradImpl,
     ffi::Ffi::Bind()
         .Ctx<ffi::PlatformStream<cudaStream_t>>()  // stream
-        .Arg<ffi::AnyBuffer>()                     // float32 d_out / counts [N_out, C]
-        .Arg<ffi::AnyBuffer>()                     // nbr_t int32 [N_in, K]
-        .Ret<ffi::AnyBuffer>());                   // d_features [N_in, C]
+        JSPARSE_POOL_AVG_GRAD_SIGNATURE);
 
 JSPARSE_REGISTER_FFI_TARGET("jsparse_pool_max", JsparsePoolMaxCuda);
 JSPARSE_REGISTER_FFI_TARGET("jsparse_pool_max_grad", JsparsePoolMaxGradCuda);
