@@ -5,6 +5,7 @@
 #include <string>
 
 #include "device.h"
+#include "xla/ffi/api/ffi.h"
 
 // The operand, attributes and result of jsparse_check_indices, bound after the device's context
 // (`ffi::Ffi::Bind().Ctx<...>() JSPARSE_CHECK_INDICES_SIGNATURE`): both devices bind the same ones in
@@ -92,6 +93,19 @@ inline int64_t IndexRowCount(const int64_t* indices_dims, int64_t indices_rank) 
   int64_t rows = 1;
   for (int64_t d = 0; d + 1 < indices_rank; ++d) rows *= indices_dims[d];
   return rows;
+}
+
+// ValidateCheckIndicesArgs on a call's FFI operands (status_dims: the status output's shape); when
+// they are valid, also sets *rows to the number of index rows.
+inline std::string ValidateCheckIndices(const xla::ffi::AnyBuffer& indices,
+                                        xla::ffi::Span<const int64_t> spatial_shape, int64_t batch_size,
+                                        xla::ffi::Span<const int64_t> status_dims, int64_t* rows) {
+  const auto dims = indices.dimensions();
+  std::string message = ValidateCheckIndicesArgs(
+      indices.element_type() == xla::ffi::S32, dims.begin(), dims.size(), status_dims.begin(),
+      status_dims.size(), spatial_shape.begin(), static_cast<int64_t>(spatial_shape.size()), batch_size);
+  if (message.empty()) *rows = IndexRowCount(dims.begin(), dims.size());
+  return message;
 }
 
 }  // namespace jsparse

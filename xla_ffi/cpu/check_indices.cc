@@ -27,17 +27,11 @@ void ComputeCheckIndices(const int32_t* indices, int64_t n, int ndim,
 
 ffi::Error CheckIndicesImpl(IndicesBuffer indices, ffi::Span<const int64_t> spatial_shape,
                             int64_t batch_size, StatusBuffer status) {
-  const auto dims = indices.dimensions();
-  const int64_t ndim = static_cast<int64_t>(spatial_shape.size());
-  const auto status_dims = status->dimensions();
-  std::string message =
-      ValidateCheckIndicesArgs(indices.element_type() == ffi::S32, dims.begin(), dims.size(),
-                               status_dims.begin(), status_dims.size(), spatial_shape.begin(), ndim,
-                               batch_size);
+  int64_t n = 0;
+  const std::string message = ValidateCheckIndices(indices, spatial_shape, batch_size, status->dimensions(), &n);
   if (!message.empty()) return ffi::Error::InvalidArgument(message);
-  const int64_t n = IndexRowCount(dims.begin(), dims.size());
-  ComputeCheckIndices(indices.typed_data<int32_t>(), n, static_cast<int>(ndim), spatial_shape.begin(),
-                      batch_size, status->typed_data());
+  ComputeCheckIndices(indices.typed_data<int32_t>(), n, static_cast<int>(spatial_shape.size()),
+                      spatial_shape.begin(), batch_size, status->typed_data());
   return ffi::Error::Success();
 }
 
