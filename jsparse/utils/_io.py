@@ -278,6 +278,12 @@ def _write_pcd(path: pathlib.Path, points: np.ndarray, fields: list[str], binary
       np.savetxt(f, points, fmt="%.9g")  # 9 significant digits read back the same float32
 
 
+def _is_parser_error(e: BaseException) -> bool:
+  """Whether ``e`` is a parser's failure: an Exception, or pyo3's PanicException (a panic in lazrs),
+  which derives from BaseException; not a KeyboardInterrupt or SystemExit."""
+  return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
 @contextlib.contextmanager
 def _reading(name: object, what: str, hint: str = "") -> Iterator[None]:
   """Turns an error of a parser that is not ours (numpy's .npy header, zipfile, plyfile, laspy, lazrs)
@@ -288,8 +294,8 @@ def _reading(name: object, what: str, hint: str = "") -> Iterator[None]:
     yield
   except MemoryError:
     raise
-  except BaseException as e:  # pyo3's PanicException (a panic in lazrs) is a BaseException
-    if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+  except BaseException as e:
+    if not _is_parser_error(e):
       raise
     detail = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
     raise ValueError(f"{name}: not a readable {what} ({detail}){hint}") from e
@@ -720,8 +726,8 @@ def _check_laz(path: pathlib.Path, f: BinaryIO, size: int, head: bytes) -> None:
 
       f.seek(offset)
       entries = lazrs.read_chunk_table(f, lazrs.LazVlr(vlr))
-    except BaseException as e:  # no lazrs, a LazrsError, or pyo3's PanicException: lazrs fails alike
-      if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+    except BaseException as e:  # no lazrs, a LazrsError or a panic: lazrs will fail alike when reading
+      if not _is_parser_error(e):
         raise
       table = None
   variable = chunk_size in LAZ_VARIABLE_CHUNKS
