@@ -136,9 +136,7 @@ def test_spconv_networks_transferred_give_the_same_outputs(spconv, scans, name):
   load_spconv_state_dict(model, reference.state_dict())  # torch tensors
   model.eval()
 
-  expected = reference(
-    sp.SparseConvTensor(torch.from_numpy(features), torch.from_numpy(indices), list(shape), 1)
-  )
+  expected = reference(sp.SparseConvTensor(torch.tensor(features), torch.tensor(indices), list(shape), 1))
   x = jsparse.SparseConvTensor(features, indices, shape, 1)
   y = model(x) if name == "MinkUNet" else model(x)[0]
   scale = float(np.abs(expected.features.numpy()).max())
