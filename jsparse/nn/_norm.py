@@ -13,6 +13,7 @@ and parameter names (``scale``, ``bias``, ``mean``, ``var``), so ``model.train()
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -41,6 +42,29 @@ def _mean_var(s1: jax.Array, s2: jax.Array, n: jax.Array) -> tuple[jax.Array, ja
   safe = jnp.maximum(n, 1.0)
   mean = s1 / safe
   return mean, jnp.maximum(0.0, s2 / safe - jnp.square(mean))
+
+
+@functools.partial(jax.checkpoint, static_argnums=5)
+def _normalize(
+  features: jax.Array,
+  mean: jax.Array,
+  var: jax.Array,
+  scale: jax.Array | None,
+  bias: jax.Array | None,
+  epsilon: float,
+) -> jax.Array:
+  """``(features - mean) / sqrt(var + epsilon) * scale + bias``: features ``[capacity, C]``,
+  the others ``[C]`` (``scale`` and ``bias`` may be None).
+
+  Rematerialized: a gradient keeps only the inputs and recomputes the centred features, fused
+  into the backward pass, instead of keeping them as one more ``[capacity, C]`` array per layer
+  (the arrays a train step keeps are fresh memory on every call).
+  """
+  multiplier = lax.rsqrt(var + epsilon)
+  if scale is not None:
+    multiplier = multiplier * scale
+  y = (features - mean[None]) * multiplier[None]
+  return y if bias is None else y + bias[None]
 
 
 class BatchNorm(nnx.BatchNorm, SparseModule):
@@ -99,13 +123,7 @@ class BatchNorm(nnx.BatchNorm, SparseModule):
       self.mean[...] = jnp.where(seen, m * self.mean[...] + (1 - m) * stored_mean, self.mean[...])
       self.var[...] = jnp.where(seen, m * self.var[...] + (1 - m) * stored_var, self.var[...])
       mean, var = batch_mean.astype(features.dtype), batch_var.astype(features.dtype)
-    multiplier = lax.rsqrt(var + self.epsilon)
-    if scale is not None:
-      multiplier = multiplier * scale
-    y = (features - mean[None]) * multiplier[None]
-    if bias is not None:
-      y = y + bias[None]
-    return x.replace_feature(y)
+    return x.replace_feature(_normalize(features, mean, var, scale, bias, self.epsilon))
 
   def _batch_moments(self, x: SparseConvTensor) -> tuple[jax.Array, jax.Array, jax.Array]:
     """float32 ``(mean [C], var [C], count [])`` of the active rows (over ``axis_name`` too)."""

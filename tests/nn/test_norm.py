@@ -83,8 +83,8 @@ def _affine_grads(grads):
 @pytest.mark.parametrize("capacity", [30, 31, 48, 256])
 @pytest.mark.parametrize("fast", [True, False])
 def test_batch_norm_gradients_match_and_skip_padding(capacity, fast):
-  """Gradients of the features, scale and bias (the layer's hand-written VJP) against autodiff
-  of Flax's layer on the active rows."""
+  """Gradients of the features, scale and bias against autodiff of Flax's layer on the active
+  rows."""
   rng = np.random.default_rng(capacity)
   x, active = _tensor(rng, 30, capacity)
   weights = jnp.asarray(rng.standard_normal((capacity, C)), jnp.float32)
@@ -105,6 +105,28 @@ def test_batch_norm_gradients_match_and_skip_padding(capacity, fast):
     np.testing.assert_array_equal(np.asarray(d_features)[~mask], 0)
     for got, want in zip(_affine_grads(d_layer), _affine_grads(want_layer)):
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_batch_norm_gradient_needs_one_array_of_temporaries(fast):
+  """A jitted gradient through BatchNorm and ReLU needs one ``[capacity, C]`` array of
+  temporaries: the backward pass recomputes the centred features from the layer's input instead
+  of keeping them (a second array, per layer of a network, and fresh memory on every call)."""
+  capacity, channels = 4096, 64
+  rng = np.random.default_rng(0)
+  sites = random_sites(rng, 2, (64, 64, 64), 3000)
+  features = rng.standard_normal((len(sites), channels)).astype(np.float32)
+  x = jsparse.SparseConvTensor(features, sites, (64, 64, 64), 2, capacity=capacity)
+  weights = jnp.asarray(rng.standard_normal((capacity, channels)), jnp.float32)
+  graph, state = nnx.split(spnn.BatchNorm(channels, use_fast_variance=fast, rngs=nnx.Rngs(0)))
+
+  def loss(state, features):
+    y = nnx.merge(graph, state)(x.replace(features=features))
+    return jnp.sum(nnx.relu(y.features) * weights)
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x.features).compile()
+  arrays = compiled.memory_analysis().temp_size_in_bytes / (capacity * channels * 4)
+  assert arrays < 1.5, f"{arrays:.2f} arrays of [capacity, C] float32"
 
 
 def test_batch_norm_gradients_across_devices():
