@@ -15,7 +15,10 @@ Cases (the scans in data/, voxel features the mean of each voxel's points):
   [0.05, 0.05, 0.1] m over KITTI's range (21,502 voxels);
 - VoxelResBackBone8x (CenterPoint) on the nuScenes sweep and its mirror image (x -> -x) as a batch
   of 2, at 0.075 m over [-54, 54] m (35,018 voxels);
-- MinkUNet-W32 (19 classes) on the KITTI scan at 0.05 m cubes.
+- MinkUNet-W32 (19 classes) on the KITTI scan at 0.05 m cubes, with the default capacities and
+  again with ``jsparse.nn.plan_capacities`` run on the scan first: by default each k2 s2 stage
+  keeps its input's capacity (the most sites it could have), so the deep 256-channel stages hold
+  16,384 rows for 951 sites on this scan.
 
   python benchmarks/bench_models.py [--repeats 5] [--no-spconv]
 """
@@ -79,6 +82,7 @@ def cases() -> list[dict[str, Any]]:
   f, i, grid = voxel_batch([kitti], (0.05, 0.05, 0.05), KITTI_RANGE)
   out.append(dict(name="MinkUNet-W32, KITTI 0.05 m", model="MinkUNet", features=f, indices=i,
                   shape=tuple(grid[::-1]), batch=1))  # fmt: skip
+  out.append(dict(out[-1], name="MinkUNet-W32, planned capacities", plan=True))
   return out
 
 
@@ -98,6 +102,8 @@ def jsparse_calls(case: dict[str, Any]) -> tuple[Callable[[], Any], Callable[[],
     capacity=jsparse.round_capacity(len(case["indices"])),
   )
   model = jsparse_model(case)
+  if case.get("plan"):
+    jsparse.nn.plan_capacities(model, x)
   is_unet = case["model"] == "MinkUNet"
 
   def output(y):
